@@ -1,0 +1,33 @@
+"""attnswap: swap the attention of a pretrained Hugging Face model for another kind, in one line.
+
+    import attnswap
+    attnswap.swap_attention(model, "entmax", alpha=1.5)
+"""
+
+from . import kinds  # noqa: F401  (registers the built-in kinds)
+from .api import (
+    SwapHandle,
+    attention,
+    available_kinds,
+    register_kind,
+    restore_attention,
+    swap_attention,
+    swapped,
+)
+from .errors import AttnSwapError, UnsupportedModelError
+from .patches.interface import register_all as _register_all
+
+_register_all()
+
+__version__ = "0.1.0"
+__all__ = [
+    "AttnSwapError",
+    "SwapHandle",
+    "UnsupportedModelError",
+    "attention",
+    "available_kinds",
+    "register_kind",
+    "restore_attention",
+    "swap_attention",
+    "swapped",
+]

@@ -1,0 +1,53 @@
+"""One entry for every caller (the functional API, the transformers adapter, the class patches): pick the
+kernel or the reference for a kind, and return the output in the input's dtype."""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from .errors import AttnSwapError
+from .kinds.visibility import Visibility
+from .registry import Kind
+
+IMPLS = ("auto", "torch", "triton")
+_warned: set = set()
+
+
+def warn_once(key, message: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(message, stacklevel=3)
+
+
+def run(kind: Kind, options: dict, query, key, value, vis: Visibility, *, scaling: float, softcap=None,
+        sinks=None, dropout: float = 0.0, need_weights: bool = False, impl: str = "auto"):
+    """Attention of ``kind``: returns ``(out (b,Hq,n,dv) in query.dtype, weights (b,Hq,n,m) | None)``."""
+    if impl not in IMPLS:
+        raise AttnSwapError(f"impl must be one of {list(IMPLS)}, got {impl!r}")
+    if not kind.uses_scores and softcap is not None:
+        warn_once((kind.name, "softcap"), f"kind {kind.name!r} has no scores: the model's softcap does not apply")
+    if not kind.uses_scores and sinks is not None:
+        warn_once((kind.name, "sinks"), f"kind {kind.name!r} has no scores: the model's attention sinks do not apply")
+    if kind.uses_scores and sinks is not None and sinks.shape != (query.shape[1],):
+        raise AttnSwapError(f"sinks must have shape (Hq,) = ({query.shape[1]},), got {tuple(sinks.shape)}")
+    kw = dict(scaling=scaling, softcap=softcap, sinks=sinks, dropout=dropout, need_weights=need_weights)
+    if impl == "triton" or (impl == "auto" and kind.kernel is not None):
+        supported, why = _kernel_supports(kind, query, key, value, vis, kw)
+        if supported:
+            return kind.kernel(query, key, value, vis, **kw, **options)
+        if impl == "triton":
+            raise AttnSwapError(f"impl='triton' cannot run kind {kind.name!r} here: {why}")
+        if query.is_cuda:
+            warn_once((kind.name, why), f"attnswap: kind {kind.name!r} falls back to the PyTorch reference: {why}")
+    out, weights = kind.forward(query, key, value, vis, **kw, **options)
+    return out.to(query.dtype), (weights.to(query.dtype) if weights is not None else None)
+
+
+def _kernel_supports(kind: Kind, query, key, value, vis, kw) -> tuple[bool, str]:
+    if kind.kernel is None:
+        return False, f"there is no Triton kernel for kind {kind.name!r} yet"
+    if kind.kernel_supports is None:
+        return True, ""
+    return kind.kernel_supports(query, key, value, vis, **kw)

@@ -1,0 +1,65 @@
+"""``linear``: p_ij = phi(q_i).phi(k_j) / (sum_{j in A_i} phi(q_i).phi(k_j) + eps), phi(x) = elu(x) + 1.
+
+No scores: scaling, softcap and attention sinks do not apply. Two exact forms: quadratic (short inputs, any
+mask) and linear-time (running state; causal, sliding window and key padding).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .. import registry
+from ..errors import AttnSwapError
+from .chunked import scored_attention
+from .feature_map import FORMS, linear_time_attention, use_linear_time
+
+MIN_KEYS_LINEAR_TIME = 1024
+
+
+def feature_map(x: torch.Tensor) -> torch.Tensor:
+    return F.elu(x) + 1.0
+
+
+def _pair(qb, kb):
+    return torch.matmul(feature_map(qb), feature_map(kb).transpose(-1, -2))
+
+
+def make_normalize(eps: float):
+    def normalize(a: torch.Tensor, visible: torch.Tensor | None) -> torch.Tensor:
+        if visible is not None:
+            a = a * visible
+        den = a.sum(-1, keepdim=True) + eps
+        return a / torch.where(den == 0, torch.ones_like(den), den)
+
+    return normalize
+
+
+def forward(query, key, value, vis, *, eps, form, scaling=None, softcap=None, sinks=None, dropout=0.0,
+            need_weights=False):
+    if vis.has_bias:
+        raise AttnSwapError("kind 'linear' has no scores, so it cannot honor an additive score bias in the mask; "
+                            "pass a bool mask, or use a score-based kind (softmax, topk, entmax, taylor)")
+    n, m = query.shape[2], key.shape[2]
+    if use_linear_time(form, "linear", vis, n=n, m=m, min_keys=MIN_KEYS_LINEAR_TIME, dropout=dropout,
+                       need_weights=need_weights):
+        return linear_time_attention(query, key, value, vis, feature_map=feature_map, eps=eps), None
+    return scored_attention(query, key, value, vis, normalize=make_normalize(eps), options={}, scaling=1.0,
+                            dropout=dropout, need_weights=need_weights, pair_scores=_pair)
+
+
+KIND = registry.add(
+    registry.Kind(
+        name="linear",
+        forward=forward,
+        options=(
+            registry.Option("eps", float, 1e-6, doc="added to the denominator", rule="a number >= 0",
+                            check=lambda v: v >= 0),
+            registry.Option("form", str, "auto", doc="auto | quadratic | linear_time", choices=FORMS),
+        ),
+        doc="Linear attention with the ELU+1 feature map (Katharopoulos et al.); linear time on long inputs.",
+        math="p_ij = phi(q_i).phi(k_j) / (sum_{j in A_i} phi(q_i).phi(k_j) + eps), phi(x) = elu(x) + 1",
+        uses_scores=False,
+        builtin=True,
+    )
+)

@@ -1,0 +1,1 @@
+"""The transformers integration: the AttentionInterface backend, per-layer swaps, legacy class patches."""

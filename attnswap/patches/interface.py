@@ -1,0 +1,69 @@
+"""transformers' AttentionInterface backend: one function per kind, registered as ``attnswap_<kind>`` in both
+AttentionInterface and AttentionMaskInterface (without a mask function padding would be silently lost)."""
+
+from __future__ import annotations
+
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from .. import registry
+from ..dispatch import run
+from .masks import model_visibility
+
+PREFIX = "attnswap_"
+
+
+def implementation_name(kind: str) -> str:
+    return PREFIX + kind
+
+
+def spec_of(module, kind_name: str):
+    """The swap a module carries (kind, options, native impl, impl), or the kind's defaults."""
+    spec = getattr(module, "_attnswap_spec", None)
+    if spec is not None:
+        return spec
+    kind, options = registry.resolve(kind_name, {})
+    from .swap import Spec
+
+    return Spec(kind=kind, options=options, native=None, impl="auto")
+
+
+def wants_weights(module, kwargs) -> bool:
+    if kwargs.get("output_attentions"):
+        return True
+    config = getattr(module, "config", None)
+    return bool(getattr(config, "_output_attentions", False) or getattr(config, "output_attentions", False))
+
+
+def make_attention_function(kind_name: str):
+    def attnswap_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        spec = spec_of(module, kind_name)
+        is_causal = kwargs.get("is_causal")
+        if is_causal is None:
+            is_causal = getattr(module, "is_causal", True)
+        vis = model_visibility(attention_mask, query, key, is_causal=is_causal, native=spec.native)
+        out, weights = run(
+            spec.kind, spec.options, query, key, value, vis,
+            scaling=query.shape[-1] ** -0.5 if scaling is None else scaling,
+            softcap=kwargs.get("softcap"), sinks=kwargs.get("s_aux"), dropout=dropout or 0.0,
+            need_weights=wants_weights(module, kwargs), impl=spec.impl,
+        )
+        return out.transpose(1, 2).contiguous(), weights
+
+    attnswap_attention_forward.__name__ = f"attnswap_{kind_name}_attention_forward"
+    return attnswap_attention_forward
+
+
+def attnswap_mask(*args, **kwargs):
+    """The mask our backend expects: sdpa's (bool, True = attend; None when plainly causal)."""
+    return sdpa_mask(*args, **kwargs)
+
+
+def _register(kind_name: str) -> None:
+    name = implementation_name(kind_name)
+    AttentionInterface.register(name, make_attention_function(kind_name))
+    AttentionMaskInterface.register(name, attnswap_mask)
+
+
+def register_all() -> None:
+    registry.on_register(_register)

@@ -1,0 +1,89 @@
+"""Class patches for families whose attention does not route through transformers' AttentionInterface.
+
+Each patch replaces one method on the *instance* (never the class), so restoring is deleting that attribute.
+"""
+
+from __future__ import annotations
+
+import types
+
+import torch
+
+from ..dispatch import run
+from ..kinds.visibility import Visibility, gqa_mask
+from .interface import wants_weights
+from .masks import model_visibility
+
+
+def _gpt_neo_attn(self, query, key, value, attention_mask=None):
+    """GPTNeoSelfAttention._attn: no score scaling; local layers see ``window_size`` keys; lower-right causal."""
+    spec = self._attnswap_spec
+    b, h, n, _ = query.shape
+    m = key.shape[2]
+    window = self.config.window_size if self.attention_type == "local" else None
+    mask = None
+    if attention_mask is not None:
+        mask = gqa_mask(attention_mask[..., :m], b, h, key.shape[1], n, m)
+    vis = Visibility(n=n, m=m, causal=True, offset=m - n, window=window, mask=mask)
+    out, weights = run(spec.kind, spec.options, query, key, value, vis, scaling=1.0,
+                       dropout=self.attn_dropout.p if self.training else 0.0,
+                       need_weights=wants_weights(self, {}), impl=spec.impl)
+    return out, weights
+
+
+def _falcon_forward(self, hidden_states, alibi, attention_mask, position_ids=None, layer_past=None,
+                    use_cache=False, output_attentions=False, position_embeddings=None, **kwargs):
+    """FalconAttention.forward with the attention itself swapped; the projections, rotary and cache as the model."""
+    from transformers.models.falcon.modeling_falcon import apply_rotary_pos_emb
+
+    spec = self._attnswap_spec
+    fused_qkv = self.query_key_value(hidden_states)
+    num_kv_heads = self.num_heads if self.new_decoder_architecture else self.num_kv_heads
+    query, key, value = self._split_heads(fused_qkv)
+    b, n = query.shape[:2]
+    query = query.transpose(1, 2).reshape(b, self.num_heads, n, self.head_dim)
+    key = key.transpose(1, 2).reshape(b, num_kv_heads, n, self.head_dim)
+    value = value.transpose(1, 2).reshape(b, num_kv_heads, n, self.head_dim)
+    if alibi is None:
+        cos, sin = position_embeddings
+        query, key = apply_rotary_pos_emb(query, key, cos, sin)
+    if layer_past is not None:
+        key, value = layer_past.update(key, value, self.layer_idx)
+    m = key.shape[2]
+    native_sdpa = self.config._attn_implementation == "sdpa" and not output_attentions
+    mask = attention_mask
+    if alibi is not None and not native_sdpa:
+        # the model's eager path adds ALiBi to the scores on top of the mask (which already carries it)
+        bias = alibi.view(b, self.num_heads, 1, m).float() * self.inv_norm_factor
+        base = mask if mask is not None else torch.zeros((), device=query.device)
+        mask = torch.where(base > torch.finfo(base.dtype).min / 2, base.float() + bias,
+                           torch.tensor(torch.finfo(torch.float32).min, device=query.device))
+    vis = model_visibility(mask, query, key, is_causal=self.is_causal, native=self.config._attn_implementation)
+    dropout = self.attention_dropout.p if (self.training and alibi is not None) else 0.0
+    out, weights = run(spec.kind, spec.options, query, key, value, vis, scaling=self.inv_norm_factor,
+                       dropout=dropout, need_weights=bool(output_attentions), impl=spec.impl)
+    out = out.transpose(1, 2).reshape(b, n, self.num_heads * self.head_dim)
+    return self.dense(out), weights
+
+
+# exact class (module path + name) -> (method name, replacement); subclasses (e.g. flash variants) are not covered
+PATCHES = {
+    "transformers.models.gpt_neo.modeling_gpt_neo.GPTNeoSelfAttention": ("_attn", _gpt_neo_attn),
+    "transformers.models.falcon.modeling_falcon.FalconAttention": ("forward", _falcon_forward),
+}
+FAMILIES = ("falcon", "gpt_neo")
+
+
+def patch_for(module) -> tuple[str, callable] | None:
+    cls = type(module)
+    return PATCHES.get(f"{cls.__module__}.{cls.__qualname__}")
+
+
+def apply(module, name: str, fn) -> None:
+    setattr(module, name, types.MethodType(fn, module))
+
+
+def remove(module, name: str) -> None:
+    module.__dict__.pop(name, None)
+
+

@@ -1,0 +1,184 @@
+"""Swapping attention in a model in place, per layer, reversibly and exactly.
+
+Layers that route through transformers' AttentionInterface get a private shallow copy of their config whose
+``_attn_implementation`` names the attnswap backend; the model's own config, and so its masks and every layer
+left alone, are untouched. Legacy families get an instance-level method patch. Restoring puts back the exact
+objects, so the restored model is bit-identical to the untouched one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import functools
+import inspect
+import numbers
+from dataclasses import dataclass
+
+import torch
+
+from .. import registry
+from ..dispatch import IMPLS
+from ..errors import AttnSwapError, UnsupportedModelError
+from ..registry import Kind
+from . import legacy
+from .interface import implementation_name
+
+
+@dataclass
+class Spec:
+    kind: Kind
+    options: dict
+    native: str | None  # the implementation the layer had (its mask convention)
+    impl: str = "auto"
+
+
+@functools.lru_cache(maxsize=None)
+def _routes_through_interface(cls) -> bool:
+    try:
+        source = inspect.getsource(cls.forward)
+    except (OSError, TypeError):
+        return False
+    return "ALL_ATTENTION_FUNCTIONS" in source
+
+
+def find_attention(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module, str]]:
+    """Every swappable attention module, in model order: (qualified name, module, "interface" | "legacy")."""
+    if not isinstance(model, torch.nn.Module):
+        raise AttnSwapError(f"swap_attention needs a torch.nn.Module (a transformers model), got {type(model).__name__}")
+    found, unsupported = [], []
+    covered: set[int] = set()
+    for name, module in model.named_modules():
+        if legacy.patch_for(module) is not None:
+            found.append((name, module, "legacy"))
+        elif _routes_through_interface(type(module)) and hasattr(module, "config"):
+            found.append((name, module, "interface"))
+        else:
+            continue
+        covered.add(id(module))
+    for name, module in model.named_modules():
+        if "Attention" in type(module).__name__ and id(module) not in covered:
+            if not any(id(sub) in covered for sub in module.modules()):
+                unsupported.append((name, module))
+    family = getattr(getattr(model, "config", None), "model_type", None) or type(model).__name__
+    if unsupported:
+        classes = sorted({type(m).__name__ for _, m in unsupported})
+        raise UnsupportedModelError(
+            f"attnswap cannot swap the attention of model family {family!r} ({', '.join(classes)}): it neither "
+            "routes through transformers' AttentionInterface nor has an attnswap class patch (patched legacy "
+            f"families: {', '.join(legacy.FAMILIES)}; flash-attention variants of them are not patched)"
+        )
+    if not found:
+        raise UnsupportedModelError(f"model {family!r} has no attention layers attnswap can swap")
+    return found
+
+
+def _select_layers(layers, count: int) -> list[int]:
+    if layers is None:
+        return list(range(count))
+    if isinstance(layers, numbers.Integral) and not isinstance(layers, bool):
+        layers = [layers]
+    try:
+        chosen = list(layers)
+    except TypeError:
+        raise AttnSwapError(f"layers must be None or an iterable of layer indices, got {layers!r}") from None
+    for i in chosen:
+        if not isinstance(i, numbers.Integral) or isinstance(i, bool) or not 0 <= i < count:
+            raise AttnSwapError(f"layer index {i!r} is out of range: this model has {count} attention layers, "
+                                f"valid indices are 0..{count - 1}")
+    return sorted(set(int(i) for i in chosen))
+
+
+class SwapHandle:
+    """What ``swap_attention`` did to a model; ``restore()`` (or leaving a ``with`` block) undoes it."""
+
+    def __init__(self, model, kind: Kind, options: dict, layers: list[int], impl: str, entries: list):
+        self.model, self.kind, self.options, self.layers, self.impl = model, kind, options, layers, impl
+        self._entries = entries  # (module, route, saved)
+        self.active = True
+
+    @property
+    def kind_name(self) -> str:
+        return self.kind.name
+
+    def restore(self) -> None:
+        if not self.active:
+            return
+        for module, route, saved in self._entries:
+            if route == "interface":
+                module.config = saved
+            else:
+                legacy.remove(module, saved)
+            module.__dict__.pop("_attnswap_spec", None)
+        self.active = False
+        if getattr(self.model, "_attnswap_handle", None) is self:
+            del self.model._attnswap_handle
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.restore()
+
+    def __repr__(self):
+        state = "active" if self.active else "restored"
+        return f"SwapHandle(kind={self.kind.name!r}, options={self.options}, layers={self.layers}, {state})"
+
+
+def swap_attention(model: torch.nn.Module, kind: str, *, layers=None, impl: str = "auto", **options) -> SwapHandle:
+    """Swap the attention of ``model`` (in place) for ``kind`` with ``options``; returns a handle that undoes it.
+
+    ``layers``: indices of the attention layers to swap (model order); the rest keep the model's own attention.
+    Swapping a swapped model replaces the earlier swap.
+    """
+    kind_obj, resolved = registry.resolve(kind, options)
+    if impl not in IMPLS:
+        raise AttnSwapError(f"impl must be one of {list(IMPLS)}, got {impl!r}")
+    targets = find_attention(model)
+    chosen = _select_layers(layers, len(targets))
+    restore_attention(model)
+    entries = []
+    for index in chosen:
+        _, module, route = targets[index]
+        native = getattr(getattr(module, "config", None), "_attn_implementation", None)
+        spec = Spec(kind=kind_obj, options=resolved, native=native, impl=impl)
+        if route == "interface":
+            saved = module.config
+            private = copy.copy(saved)
+            private.__dict__["_attn_implementation_internal"] = implementation_name(kind_obj.name)
+            module.config = private
+        else:
+            saved, fn = legacy.patch_for(module)
+            legacy.apply(module, saved, fn)
+        module._attnswap_spec = spec
+        entries.append((module, route, saved))
+    handle = SwapHandle(model, kind_obj, resolved, chosen, impl, entries)
+    model._attnswap_handle = handle
+    return handle
+
+
+def restore_attention(model: torch.nn.Module) -> None:
+    """Undo the current swap of ``model`` (no-op when it is not swapped); logits are then bit-identical."""
+    handle = getattr(model, "_attnswap_handle", None)
+    if handle is not None:
+        handle.restore()
+
+
+def current_swap(model: torch.nn.Module) -> SwapHandle | None:
+    return getattr(model, "_attnswap_handle", None)
+
+
+@contextlib.contextmanager
+def swapped(model: torch.nn.Module, kind: str, *, layers=None, impl: str = "auto", **options):
+    """``with swapped(model, "linear"): ...`` swaps for the block and puts back what was there before."""
+    previous = current_swap(model)
+    before = (previous.kind.name, previous.options, previous.layers, previous.impl) if previous else None
+    handle = swap_attention(model, kind, layers=layers, impl=impl, **options)
+    try:
+        yield handle
+    finally:
+        handle.restore()
+        if before is not None:
+            name, opts, lay, imp = before
+            pinned = registry.get(name).fixed
+            swap_attention(model, name, layers=lay, impl=imp, **{k: v for k, v in opts.items() if k not in pinned})

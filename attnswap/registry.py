@@ -1,0 +1,144 @@
+"""Kinds of attention by name: option schemas and validation, reference function, kernel, capabilities."""
+
+from __future__ import annotations
+
+import numbers
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from .errors import AttnSwapError
+
+
+@dataclass(frozen=True)
+class Option:
+    """One option of a kind: its type, default and the rule a value must satisfy."""
+
+    name: str
+    type: type  # int, float or str
+    default: Any
+    doc: str = ""
+    rule: str = ""  # human wording of the constraint, e.g. "an integer >= 1"
+    check: Callable[[Any], bool] | None = None
+    choices: tuple | None = None
+
+    def validate(self, kind: str, value: Any) -> Any:
+        where = f"option {self.name!r} of attention kind {kind!r}"
+        wanted = self.rule or {int: "an integer", float: "a number", str: "a string"}[self.type]
+        if self.type is int:
+            ok = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+            value = int(value) if ok else value
+        elif self.type is float:
+            ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
+            value = float(value) if ok else value
+        else:
+            ok = isinstance(value, self.type)
+        if not ok:
+            raise AttnSwapError(f"{where} must be {wanted}, got {value!r} ({type(value).__name__})")
+        if self.choices is not None and value not in self.choices:
+            raise AttnSwapError(f"{where} must be one of {list(self.choices)}, got {value!r}")
+        if self.check is not None and not self.check(value):
+            raise AttnSwapError(f"{where} must be {wanted}, got {value!r}")
+        return value
+
+
+@dataclass
+class Kind:
+    """A kind of attention.
+
+    ``forward(q, k, v, visibility, *, scaling, softcap, sinks, dropout, need_weights, **options)`` is the
+    memory-bounded PyTorch reference; it returns ``(out (b,Hq,n,dv) fp32-accumulated, weights | None)``.
+    ``kernel``/``kernel_supports`` are the Triton path, when one exists.
+    """
+
+    name: str
+    forward: Callable
+    options: tuple[Option, ...] = ()
+    doc: str = ""
+    math: str = ""
+    uses_scores: bool = True  # False: no s_ij = scaling*q.k (softcap, sinks and biases do not apply)
+    kernel: Callable | None = None
+    kernel_supports: Callable | None = None
+    fixed: dict = field(default_factory=dict)  # options an alias pins (sparsemax: alpha=2)
+    alias_of: str | None = None
+    builtin: bool = False
+
+    def defaults(self) -> dict:
+        return {o.name: o.default for o in self.options if o.name not in self.fixed}
+
+    def resolve(self, options: dict) -> dict:
+        """Validate user options; return the full option dict (defaults filled in, alias pins applied)."""
+        schema = {o.name: o for o in self.options if o.name not in self.fixed}
+        unknown = sorted(set(options) - set(schema))
+        if unknown:
+            valid = ", ".join(f"{n} (default {o.default!r})" for n, o in schema.items()) or "none"
+            raise AttnSwapError(
+                f"unknown option{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))} for attention "
+                f"kind {self.name!r}; valid options: {valid}"
+            )
+        resolved = {n: o.validate(self.name, options.get(n, o.default)) for n, o in schema.items()}
+        resolved.update(self.fixed)
+        return resolved
+
+
+_KINDS: dict[str, Kind] = {}
+_listeners: list[Callable[[str], None]] = []
+
+
+def on_register(fn: Callable[[str], None]) -> None:
+    """Call ``fn(name)`` for every kind registered now and later (the transformers integration uses it)."""
+    _listeners.append(fn)
+    for name in _KINDS:
+        fn(name)
+
+
+def add(kind: Kind, *, overwrite: bool = False) -> Kind:
+    if not kind.name or not kind.name.replace("_", "").isalnum():
+        raise AttnSwapError(f"kind names are letters, digits and '_', got {kind.name!r}")
+    lowered = kind.name.lower()
+    for bad in ("flash", "sdpa", "flex_attention", "paged"):
+        if bad in lowered:
+            raise AttnSwapError(
+                f"kind name {kind.name!r} contains {bad!r}, which transformers dispatches on; choose another name"
+            )
+    existing = _KINDS.get(kind.name)
+    if existing is not None and (existing.builtin or not overwrite):
+        what = "a built-in kind" if existing.builtin else "already registered (pass overwrite=True to replace it)"
+        raise AttnSwapError(f"attention kind {kind.name!r} is {what}")
+    _KINDS[kind.name] = kind
+    for fn in _listeners:
+        fn(kind.name)
+    return kind
+
+
+def alias(name: str, target: str, doc: str = "", **fixed) -> Kind:
+    base = get(target)
+    return add(
+        Kind(
+            name=name,
+            forward=base.forward,
+            options=base.options,
+            doc=doc or base.doc,
+            math=base.math,
+            uses_scores=base.uses_scores,
+            kernel=base.kernel,
+            kernel_supports=base.kernel_supports,
+            fixed=dict(fixed),
+            alias_of=target,
+            builtin=base.builtin,
+        )
+    )
+
+
+def get(name: str) -> Kind:
+    if not isinstance(name, str) or name not in _KINDS:
+        raise AttnSwapError(f"unknown attention kind {name!r}; available kinds: {', '.join(sorted(_KINDS))}")
+    return _KINDS[name]
+
+
+def names() -> list[str]:
+    return sorted(_KINDS)
+
+
+def resolve(name: str, options: dict) -> tuple[Kind, dict]:
+    kind = get(name)
+    return kind, kind.resolve(options)

@@ -1,0 +1,1 @@
+"""Evaluation: text corpora, perplexity, latency and attention statistics."""

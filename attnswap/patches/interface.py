@@ -17,7 +17,7 @@ def implementation_name(kind: str) -> str:
     return PREFIX + kind
 
 
-def spec_of(module, kind_name: str):
+def spec_of(module, kind_name: str | None):
     """The swap a module carries (kind, options, native impl, impl), or the kind's defaults."""
     spec = getattr(module, "_attnswap_spec", None)
     if spec is not None:
@@ -29,10 +29,19 @@ def spec_of(module, kind_name: str):
 
 
 def wants_weights(module, kwargs) -> bool:
+    """Whether the caller asked for attention weights: the kwarg, the config, or transformers' output capture."""
     if kwargs.get("output_attentions"):
         return True
     config = getattr(module, "config", None)
-    return bool(getattr(config, "_output_attentions", False) or getattr(config, "output_attentions", False))
+    if getattr(config, "_output_attentions", False) or getattr(config, "output_attentions", False):
+        return True
+    try:
+        from transformers.utils.output_capturing import _active_collector
+
+        collecting = _active_collector.get()
+    except (ImportError, LookupError):
+        return False
+    return isinstance(collecting, dict) and "attentions" in collecting
 
 
 def make_attention_function(kind_name: str):
@@ -66,4 +75,7 @@ def _register(kind_name: str) -> None:
 
 
 def register_all() -> None:
+    from .legacy import register_loadable
+
     registry.on_register(_register)
+    registry.on_register(register_loadable)

@@ -83,7 +83,9 @@ def _select_layers(layers, count: int) -> list[int]:
     except TypeError:
         raise AttnSwapError(f"layers must be None or an iterable of layer indices, got {layers!r}") from None
     for i in chosen:
-        if not isinstance(i, numbers.Integral) or isinstance(i, bool) or not 0 <= i < count:
+        if not isinstance(i, numbers.Integral) or isinstance(i, bool):
+            raise AttnSwapError(f"layer indices must be integers, got {i!r} ({type(i).__name__})")
+        if not 0 <= i < count:
             raise AttnSwapError(f"layer index {i!r} is out of range: this model has {count} attention layers, "
                                 f"valid indices are 0..{count - 1}")
     return sorted(set(int(i) for i in chosen))
@@ -92,14 +94,32 @@ def _select_layers(layers, count: int) -> list[int]:
 class SwapHandle:
     """What ``swap_attention`` did to a model; ``restore()`` (or leaving a ``with`` block) undoes it."""
 
-    def __init__(self, model, kind: Kind, options: dict, layers: list[int], impl: str, entries: list):
+    def __init__(self, model, kind: Kind, options: dict, layers: list[int], impl: str, targets: list):
         self.model, self.kind, self.options, self.layers, self.impl = model, kind, options, layers, impl
-        self._entries = entries  # (module, route, saved)
-        self.active = True
+        self._targets = [targets[i] for i in layers]
+        self._entries = []  # (module, route, saved) while active
+        self.active = False
 
     @property
     def kind_name(self) -> str:
         return self.kind.name
+
+    def _activate(self) -> None:
+        restore_attention(self.model)
+        for _, module, route in self._targets:
+            native = getattr(getattr(module, "config", None), "_attn_implementation", None)
+            if route == "interface":
+                saved = module.config
+                private = copy.copy(saved)
+                private.__dict__["_attn_implementation_internal"] = implementation_name(self.kind.name)
+                module.config = private
+            else:
+                saved, fn = legacy.patch_for(module)
+                legacy.apply(module, saved, fn)
+            module._attnswap_spec = Spec(kind=self.kind, options=self.options, native=native, impl=self.impl)
+            self._entries.append((module, route, saved))
+        self.active = True
+        self.model._attnswap_handle = self
 
     def restore(self) -> None:
         if not self.active:
@@ -110,6 +130,7 @@ class SwapHandle:
             else:
                 legacy.remove(module, saved)
             module.__dict__.pop("_attnswap_spec", None)
+        self._entries = []
         self.active = False
         if getattr(self.model, "_attnswap_handle", None) is self:
             del self.model._attnswap_handle
@@ -135,25 +156,8 @@ def swap_attention(model: torch.nn.Module, kind: str, *, layers=None, impl: str 
     if impl not in IMPLS:
         raise AttnSwapError(f"impl must be one of {list(IMPLS)}, got {impl!r}")
     targets = find_attention(model)
-    chosen = _select_layers(layers, len(targets))
-    restore_attention(model)
-    entries = []
-    for index in chosen:
-        _, module, route = targets[index]
-        native = getattr(getattr(module, "config", None), "_attn_implementation", None)
-        spec = Spec(kind=kind_obj, options=resolved, native=native, impl=impl)
-        if route == "interface":
-            saved = module.config
-            private = copy.copy(saved)
-            private.__dict__["_attn_implementation_internal"] = implementation_name(kind_obj.name)
-            module.config = private
-        else:
-            saved, fn = legacy.patch_for(module)
-            legacy.apply(module, saved, fn)
-        module._attnswap_spec = spec
-        entries.append((module, route, saved))
-    handle = SwapHandle(model, kind_obj, resolved, chosen, impl, entries)
-    model._attnswap_handle = handle
+    handle = SwapHandle(model, kind_obj, resolved, _select_layers(layers, len(targets)), impl, targets)
+    handle._activate()
     return handle
 
 
@@ -170,15 +174,13 @@ def current_swap(model: torch.nn.Module) -> SwapHandle | None:
 
 @contextlib.contextmanager
 def swapped(model: torch.nn.Module, kind: str, *, layers=None, impl: str = "auto", **options):
-    """``with swapped(model, "linear"): ...`` swaps for the block and puts back what was there before."""
+    """``with swapped(model, "linear"): ...`` swaps for the block, then puts back the swap that was there before
+    (the same handle, which stays usable), or the model's own attention."""
     previous = current_swap(model)
-    before = (previous.kind.name, previous.options, previous.layers, previous.impl) if previous else None
     handle = swap_attention(model, kind, layers=layers, impl=impl, **options)
     try:
         yield handle
     finally:
         handle.restore()
-        if before is not None:
-            name, opts, lay, imp = before
-            pinned = registry.get(name).fixed
-            swap_attention(model, name, layers=lay, impl=imp, **{k: v for k, v in opts.items() if k not in pinned})
+        if previous is not None:
+            previous._activate()

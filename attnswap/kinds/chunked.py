@@ -122,6 +122,9 @@ def scored_attention(
     many = row_step < b or head_step < hkv or q_step < n
     weights = query.new_zeros((b, hkv, groups, n, m), dtype=torch.float32) if need_weights else None
 
+    # Without autograd, blocks are written into one preallocated output: small long-lived pieces between the
+    # large short-lived score blocks would fragment the heap (glibc then keeps ~1 GB at N = 32k).
+    out = None if grad else query.new_empty((b, hkv, groups, n, dv), dtype=torch.float32)
     out_rows = []
     for r0 in range(0, b, row_step):
         rows = slice(r0, r0 + row_step)
@@ -135,19 +138,25 @@ def scored_attention(
                 k0, k1 = vis.key_range(q0, q1)
                 qb = qg[rows, heads, :, q0:q1]
                 if k1 <= k0:  # nothing visible: zero rows (a sink alone gives no output)
-                    out_q.append(qb.new_zeros((*qb.shape[:-1], dv), dtype=torch.float32))
-                    continue
-                kb, vb = kg[rows, heads, :, k0:k1], vg[rows, heads, :, k0:k1]
-                args = (qb, kb, vb, sink, q0, q1, k0, k1, rows, heads)
-                if need_weights:
-                    o, p = block(*args)
-                    weights[rows, heads, :, q0:q1, k0:k1] = p.detach() if not grad else p
-                elif grad and many:
-                    o = checkpoint(run_block, *args, use_reentrant=False)
+                    o = qb.new_zeros((*qb.shape[:-1], dv), dtype=torch.float32)
                 else:
-                    o = run_block(*args)
-                out_q.append(o)
-            out_heads.append(torch.cat(out_q, dim=3) if len(out_q) > 1 else out_q[0])
-        out_rows.append(torch.cat(out_heads, dim=1) if len(out_heads) > 1 else out_heads[0])
-    out = torch.cat(out_rows, dim=0) if len(out_rows) > 1 else out_rows[0]
+                    kb, vb = kg[rows, heads, :, k0:k1], vg[rows, heads, :, k0:k1]
+                    args = (qb, kb, vb, sink, q0, q1, k0, k1, rows, heads)
+                    if need_weights:
+                        o, p = block(*args)
+                        weights[rows, heads, :, q0:q1, k0:k1] = p if grad else p.detach()
+                    elif grad and many:
+                        o = checkpoint(run_block, *args, use_reentrant=False)
+                    else:
+                        o = run_block(*args)
+                if out is not None:
+                    out[rows, heads, :, q0:q1] = o
+                else:
+                    out_q.append(o)
+            if out is None:
+                out_heads.append(torch.cat(out_q, dim=3) if len(out_q) > 1 else out_q[0])
+        if out is None:
+            out_rows.append(torch.cat(out_heads, dim=1) if len(out_heads) > 1 else out_heads[0])
+    if out is None:
+        out = torch.cat(out_rows, dim=0) if len(out_rows) > 1 else out_rows[0]
     return ungroup_heads(out), (ungroup_heads(weights) if weights is not None else None)

@@ -102,6 +102,6 @@ def available_kinds() -> dict[str, dict]:
             "options": {o.name: o.default for o in k.options if o.name not in k.fixed},
             "option_docs": {o.name: o.doc for o in k.options if o.name not in k.fixed},
             "alias_of": k.alias_of and f"{k.alias_of} with {k.fixed}",
-            "kernel": k.kernel is not None,
+            "kernel": registry.get(k.alias_of or name).kernel is not None,
         }
     return out

@@ -9,6 +9,7 @@ import torch
 
 from .errors import AttnSwapError
 from .kinds.visibility import Visibility
+from . import registry
 from .registry import Kind
 
 IMPLS = ("auto", "torch", "triton")
@@ -33,10 +34,12 @@ def run(kind: Kind, options: dict, query, key, value, vis: Visibility, *, scalin
     if kind.uses_scores and sinks is not None and sinks.shape != (query.shape[1],):
         raise AttnSwapError(f"sinks must have shape (Hq,) = ({query.shape[1]},), got {tuple(sinks.shape)}")
     kw = dict(scaling=scaling, softcap=softcap, sinks=sinks, dropout=dropout, need_weights=need_weights)
-    if impl == "triton" or (impl == "auto" and kind.kernel is not None):
-        supported, why = _kernel_supports(kind, query, key, value, vis, kw)
+    base = registry.get(kind.alias_of) if kind.alias_of else kind  # aliases share their base's kernel
+    if impl == "triton" or (impl == "auto" and base.kernel is not None):
+        supported, why = _kernel_supports(base, query, key, value, vis, kw)
         if supported:
-            return kind.kernel(query, key, value, vis, **kw, **options)
+            out, weights = base.kernel(query, key, value, vis, **kw, **options)
+            return out.to(query.dtype), (weights.to(query.dtype) if weights is not None else None)
         if impl == "triton":
             raise AttnSwapError(f"impl='triton' cannot run kind {kind.name!r} here: {why}")
         if query.is_cuda:

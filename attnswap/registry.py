@@ -56,8 +56,8 @@ class Kind:
     doc: str = ""
     math: str = ""
     uses_scores: bool = True  # False: no s_ij = scaling*q.k (softcap, sinks and biases do not apply)
-    kernel: Callable | None = None
-    kernel_supports: Callable | None = None
+    kernel: Callable | None = None  # an alias uses its base kind's kernel
+    kernel_supports: Callable | None = None  # -> (supported: bool, why not: str)
     fixed: dict = field(default_factory=dict)  # options an alias pins (sparsemax: alpha=2)
     alias_of: str | None = None
     builtin: bool = False
@@ -120,8 +120,6 @@ def alias(name: str, target: str, doc: str = "", **fixed) -> Kind:
             doc=doc or base.doc,
             math=base.math,
             uses_scores=base.uses_scores,
-            kernel=base.kernel,
-            kernel_supports=base.kernel_supports,
             fixed=dict(fixed),
             alias_of=target,
             builtin=base.builtin,

@@ -3,12 +3,14 @@ kernel or the reference for a kind, and return the output in the input's dtype."
 
 from __future__ import annotations
 
+import functools
 import warnings
 
 import torch
 
 from .errors import AttnSwapError
 from .kinds.visibility import Visibility
+from .observe import current_observer
 from . import registry
 from .registry import Kind
 
@@ -23,8 +25,11 @@ def warn_once(key, message: str) -> None:
 
 
 def run(kind: Kind, options: dict, query, key, value, vis: Visibility, *, scaling: float, softcap=None,
-        sinks=None, dropout: float = 0.0, need_weights: bool = False, impl: str = "auto"):
-    """Attention of ``kind``: returns ``(out (b,Hq,n,dv) in query.dtype, weights (b,Hq,n,m) | None)``."""
+        sinks=None, dropout: float = 0.0, need_weights: bool = False, impl: str = "auto", module=None):
+    """Attention of ``kind``: returns ``(out (b,Hq,n,dv) in query.dtype, weights (b,Hq,n,m) | None)``.
+
+    ``module``: the model's attention module making the call, for an active ``attnswap.observe`` observer.
+    """
     if impl not in IMPLS:
         raise AttnSwapError(f"impl must be one of {list(IMPLS)}, got {impl!r}")
     if not kind.uses_scores and softcap is not None:
@@ -34,6 +39,13 @@ def run(kind: Kind, options: dict, query, key, value, vis: Visibility, *, scalin
     if kind.uses_scores and sinks is not None and sinks.shape != (query.shape[1],):
         raise AttnSwapError(f"sinks must have shape (Hq,) = ({query.shape[1]},), got {tuple(sinks.shape)}")
     kw = dict(scaling=scaling, softcap=softcap, sinks=sinks, dropout=dropout, need_weights=need_weights)
+    observer = current_observer()
+    if observer is not None:
+        n, m = query.shape[2], key.shape[2]
+        kw["observe"] = functools.partial(observer.block, module, n=n, m=m)
+        if impl == "triton":
+            raise AttnSwapError("impl='triton' cannot be observed block by block; use impl='auto' or 'torch'")
+        impl = "torch"
     base = registry.get(kind.alias_of) if kind.alias_of else kind  # aliases share their base's kernel
     if impl == "triton" or (impl == "auto" and base.kernel is not None):
         supported, why = _kernel_supports(base, query, key, value, vis, kw)

@@ -82,12 +82,14 @@ def scored_attention(
     dropout: float = 0.0,
     need_weights: bool = False,
     pair_scores: Callable | None = None,
+    observe=None,
 ):
     """Attention whose weights are ``normalize`` of each row's scores, in blocks.
 
     ``query`` (b,Hq,n,d), ``key``/``value`` (b,Hkv,m,d|dv); ``vis`` with its mask already grouped. Returns
     ``(out (b,Hq,n,dv) fp32, weights (b,Hq,n,m) fp32 | None)``. ``pair_scores(qb, kb)`` replaces
-    ``scaling * q.k`` (the feature-map kinds).
+    ``scaling * q.k`` (the feature-map kinds). ``observe(p, visible, q0=, k0=, rows=, heads=)`` sees every
+    weight block (see ``attnswap.observe``).
     """
     b, hq, n, _ = query.shape
     hkv, m, dv = key.shape[1], key.shape[2], value.shape[-1]
@@ -109,6 +111,9 @@ def scored_attention(
             p = normalize(s, visible, **options)[..., :-1]
         else:
             p = normalize(s, visible, **options)
+        if observe is not None:
+            observe(p.detach(), vis.block(q0, q1, k0, k1, rows, heads, device)[0], q0=q0, k0=k0, rows=rows,
+                    heads=heads)
         if dropout > 0.0:
             p = F.dropout(p, p=dropout, training=True)
         return torch.matmul(p, vb.float()), p
@@ -142,9 +147,10 @@ def scored_attention(
                 else:
                     kb, vb = kg[rows, heads, :, k0:k1], vg[rows, heads, :, k0:k1]
                     args = (qb, kb, vb, sink, q0, q1, k0, k1, rows, heads)
-                    if need_weights:
+                    if need_weights or observe is not None:
                         o, p = block(*args)
-                        weights[rows, heads, :, q0:q1, k0:k1] = p if grad else p.detach()
+                        if need_weights:
+                            weights[rows, heads, :, q0:q1, k0:k1] = p if grad else p.detach()
                     elif grad and many:
                         o = checkpoint(run_block, *args, use_reentrant=False)
                     else:

@@ -36,16 +36,16 @@ def make_normalize(eps: float):
 
 
 def forward(query, key, value, vis, *, eps, form, scaling=None, softcap=None, sinks=None, dropout=0.0,
-            need_weights=False):
+            need_weights=False, observe=None):
     if vis.has_bias:
         raise AttnSwapError("kind 'linear' has no scores, so it cannot honor an additive score bias in the mask; "
                             "pass a bool mask, or use a score-based kind (softmax, topk, entmax, taylor)")
     n, m = query.shape[2], key.shape[2]
     if use_linear_time(form, "linear", vis, n=n, m=m, min_keys=MIN_KEYS_LINEAR_TIME, dropout=dropout,
-                       need_weights=need_weights):
+                       need_weights=need_weights or observe is not None):
         return linear_time_attention(query, key, value, vis, feature_map=feature_map, eps=eps), None
     return scored_attention(query, key, value, vis, normalize=make_normalize(eps), options={}, scaling=1.0,
-                            dropout=dropout, need_weights=need_weights, pair_scores=_pair)
+                            dropout=dropout, need_weights=need_weights, pair_scores=_pair, observe=observe)
 
 
 KIND = registry.add(

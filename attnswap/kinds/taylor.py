@@ -39,15 +39,17 @@ def make_feature_map(scaling: float):
     return feature_map
 
 
-def forward(query, key, value, vis, *, form, scaling, softcap=None, sinks=None, dropout=0.0, need_weights=False):
+def forward(query, key, value, vis, *, form, scaling, softcap=None, sinks=None, dropout=0.0, need_weights=False,
+            observe=None):
     n, m = query.shape[2], key.shape[2]
     if use_linear_time(form, "taylor", vis, n=n, m=m, min_keys=MIN_KEYS_LINEAR_TIME, softcap=softcap,
-                       dropout=dropout, need_weights=need_weights):
+                       dropout=dropout, need_weights=need_weights or observe is not None):
         extra = None if sinks is None else taylor_weight(sinks.float())
         out = linear_time_attention(query, key, value, vis, feature_map=make_feature_map(scaling), extra_den=extra)
         return out, None
     return scored_attention(query, key, value, vis, normalize=normalize, options={}, scaling=scaling,
-                            softcap=softcap, sinks=sinks, dropout=dropout, need_weights=need_weights)
+                            softcap=softcap, sinks=sinks, dropout=dropout, need_weights=need_weights,
+                            observe=observe)
 
 
 KIND = registry.add(

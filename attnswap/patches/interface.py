@@ -55,7 +55,7 @@ def make_attention_function(kind_name: str):
             spec.kind, spec.options, query, key, value, vis,
             scaling=query.shape[-1] ** -0.5 if scaling is None else scaling,
             softcap=kwargs.get("softcap"), sinks=kwargs.get("s_aux"), dropout=dropout or 0.0,
-            need_weights=wants_weights(module, kwargs), impl=spec.impl,
+            need_weights=wants_weights(module, kwargs), impl=spec.impl, module=module,
         )
         return out.transpose(1, 2).contiguous(), weights
 

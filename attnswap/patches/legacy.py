@@ -35,7 +35,8 @@ def _gpt_neo_forward(self, hidden_states, attention_mask=None, layer_past=None, 
     vis = Visibility(n=n, m=m, causal=True, offset=m - n, window=window, mask=mask)
     out, weights = run(spec.kind, spec.options, query, key, value, vis, scaling=1.0,
                        dropout=self.attn_dropout.p if self.training else 0.0,
-                       need_weights=bool(output_attentions) or wants_weights(self, kwargs), impl=spec.impl)
+                       need_weights=bool(output_attentions) or wants_weights(self, kwargs), impl=spec.impl,
+                       module=self)
     out = self.resid_dropout(self.out_proj(self._merge_heads(out, self.num_heads, self.head_dim)))
     return out, weights
 
@@ -70,7 +71,8 @@ def _falcon_forward(self, hidden_states, alibi, attention_mask, position_ids=Non
     vis = model_visibility(mask, query, key, is_causal=self.is_causal, native=self.config._attn_implementation)
     dropout = self.attention_dropout.p if (self.training and alibi is not None) else 0.0
     out, weights = run(spec.kind, spec.options, query, key, value, vis, scaling=self.inv_norm_factor,
-                       dropout=dropout, need_weights=bool(output_attentions) or wants_weights(self, kwargs), impl=spec.impl)
+                       dropout=dropout, need_weights=bool(output_attentions) or wants_weights(self, kwargs), impl=spec.impl,
+                       module=self)
     out = out.transpose(1, 2).reshape(b, n, self.num_heads * self.head_dim)
     return self.dense(out), weights
 

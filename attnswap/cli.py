@@ -1,38 +1,37 @@
-"""The ``attnswap`` command."""
+"""The ``attnswap`` command: ``kinds``, ``eval ppl|latency|entropy|all``, ``demo``, ``lm-eval``."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
+DEFAULT_ATTN = "softmax,topk:k=64,entmax:alpha=1.5,sparsemax,linear,taylor"
 
-def parse_attn_spec(spec: str) -> list[tuple[str, dict]]:
-    """``"softmax,topk:k=64,entmax:alpha=1.5"`` -> [("softmax", {}), ("topk", {"k": 64}), ...]."""
-    from .errors import AttnSwapError
-
-    kinds = []
-    for item in filter(None, (s.strip() for s in spec.split(","))):
-        name, _, rest = item.partition(":")
-        options = {}
-        for pair in filter(None, rest.split(":")):
-            key, eq, value = pair.partition("=")
-            if not eq or not key:
-                raise AttnSwapError(f"malformed attention spec {item!r}: options are written kind:name=value")
-            options[key] = _number(value)
-        kinds.append((name, options))
-    if not kinds:
-        raise AttnSwapError(f"empty attention spec {spec!r}; e.g. softmax,topk:k=64,entmax:alpha=1.5")
-    return kinds
+PPL_COLUMNS = [("attention", "attention", "{}"), ("ppl", "ppl", "{:.3f}"), ("vs_own", "vs own", "{:.3f}x"),
+               ("nll_per_token", "nll/token", "{:.4f}"), ("tokens", "tokens", "{}"), ("seconds", "seconds", "{:.1f}")]
+ENTROPY_COLUMNS = [("attention", "attention", "{}"), ("entropy", "entropy (nats)", "{:.3f}"),
+                   ("normalized_entropy", "normalized", "{:.3f}"), ("gini", "gini", "{:.3f}"),
+                   ("max_weight", "max weight", "{:.3f}"), ("effective_tokens", "eff. tokens", "{:.1f}"),
+                   ("sparsity", "zero frac.", "{:.3f}")]
+LATENCY_COLUMNS = [("attention", "attention", "{}"), ("batch", "batch", "{}"), ("context", "context", "{}"),
+                   ("prefill_ms", "prefill ms", "{:.1f}"), ("decode_tok_s", "decode tok/s", "{:.1f}"),
+                   ("peak_mem_mb", "peak MB", "{:.0f}")]
 
 
-def _number(text: str):
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    return text
+def _main_process() -> bool:
+    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0
+
+
+def _distributed_setup(device: str) -> str:
+    """Under ``accelerate launch`` (WORLD_SIZE > 1): join the process group; returns this process's device."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return device
+    from accelerate import PartialState
+
+    state = PartialState(cpu=device == "cpu")
+    return str(state.device)
 
 
 def cmd_kinds(args) -> int:
@@ -48,55 +47,149 @@ def cmd_kinds(args) -> int:
     return 0
 
 
-def cmd_demo(args) -> int:
-    import time
+def run_eval(args, what: set[str]) -> int:
+    from .evals import runner
+    from .evals.corpus import load_text
+    from .evals.report import ResultsWriter, format_table, markdown_table
+    from .evals.specs import parse_attn, parse_layers
 
-    import torch
-
-    from . import swapped
-    from .default_model import load_default_model
-    from .evals.corpus import default_text
-    from .evals.perplexity import perplexity
-
-    torch.manual_seed(0)
-    t0 = time.perf_counter()
-    model, tokenizer = load_default_model()
-    print(f"SmolLM2-135M-Instruct loaded in {time.perf_counter() - t0:.1f}s "
-          f"({model.config.num_hidden_layers} layers, {model.config.num_attention_heads} heads, "
-          f"{model.config.num_key_value_heads} KV heads)")
-    ids = tokenizer(default_text(), return_tensors="pt").input_ids[:, : args.max_tokens]
-    print(f"text: Python standard-library docstrings, {ids.shape[1]} tokens, windows of {args.max_length}")
-    rows = [("model's own (sdpa)", {}, None)]
-    rows += [(name + "".join(f" {k}={v}" for k, v in opts.items()), opts, name) for name, opts in
-             parse_attn_spec(args.attn)]
-    base = None
-    print(f"{'attention':24s} {'ppl':>10s} {'vs own':>8s} {'seconds':>8s}")
-    for label, opts, name in rows:
-        if name is None:
-            result = perplexity(model, ids, max_length=args.max_length)
-        else:
-            with swapped(model, name, **opts):
-                result = perplexity(model, ids, max_length=args.max_length)
-        base = base or result.ppl
-        print(f"{label:24s} {result.ppl:10.3f} {result.ppl / base:7.3f}x {result.seconds:8.1f}", flush=True)
+    specs = parse_attn(args.attn, parse_layers(args.layers))
+    text, source = load_text(args.text_file, args.dataset)
+    device = _distributed_setup(args.device)
+    main = _main_process()
+    model, tokenizer = runner.load_model(args.model, dtype=args.dtype, device=device)
+    writer = ResultsWriter(args.out) if main else None
+    say = print if main else (lambda *a, **k: None)
+    tables = []
+    ppl_rows, stats, latency = None, None, None
+    if "ppl" in what:
+        ids = runner.tokenize(tokenizer, text, args.max_tokens)
+        say(f"perplexity: {source}, {ids.shape[1]} tokens, windows of {args.max_length}, stride "
+            f"{args.stride or args.max_length}")
+        ppl_rows = runner.run_perplexity(model, ids, specs, max_length=args.max_length, stride=args.stride,
+                                         writer=writer, show=main)
+        say(format_table(ppl_rows, PPL_COLUMNS))
+        tables.append(("Perplexity", markdown_table(ppl_rows, PPL_COLUMNS)))
+    if "entropy" in what and main:
+        ids = runner.tokenize(tokenizer, text, args.entropy_tokens)
+        say(f"attention statistics: {ids.shape[1]} tokens, per layer x head, from each kind's own weights")
+        stats = runner.run_entropy(model, ids, specs, writer=writer)
+        rows = [{"attention": label, **s.summary()} for label, s in stats.items()]
+        say(format_table(rows, ENTROPY_COLUMNS))
+        tables.append(("Attention statistics (means over layers, heads and queries)",
+                       markdown_table(rows, ENTROPY_COLUMNS)))
+    if "latency" in what and main:
+        say(f"latency: contexts {args.contexts}, batch sizes {args.batch_sizes}, {args.new_tokens} new tokens")
+        latency = runner.run_latency(model, specs, contexts=args.contexts, batch_sizes=args.batch_sizes,
+                                     new_tokens=args.new_tokens, repeats=args.repeats, writer=writer, show=main)
+        rows = [{"attention": label, **r} for label, records in latency.items() for r in records]
+        say(format_table(rows, LATENCY_COLUMNS))
+        tables.append(("Latency", markdown_table(rows, LATENCY_COLUMNS)))
+    if main:
+        writer.write_markdown(f"attnswap eval ({os.path.basename(str(args.model or 'SmolLM2-135M-Instruct'))})",
+                              tables)
+        for path in _plots(args.out, ppl_rows, stats, latency):
+            say(f"wrote {path}")
+        say(f"wrote {os.path.join(args.out, 'results.json')} and results.md")
     return 0
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="attnswap", description="Swap the attention of Hugging Face models.")
+def _plots(out, ppl_rows, stats, latency) -> list[str]:
+    from .evals import plots
+
+    paths = []
+    if ppl_rows:
+        paths.append(plots.perplexity_plot([{"label": r["attention"], "ppl": r["ppl"]} for r in ppl_rows],
+                                           os.path.join(out, "perplexity.png"), baseline=ppl_rows[0]["ppl"]))
+    if stats:
+        paths.append(plots.entropy_heatmaps({k: s.metric("normalized_entropy") for k, s in stats.items()},
+                                            os.path.join(out, "entropy.png"), "normalized entropy"))
+        paths.append(plots.entropy_heatmaps({k: s.metric("sparsity") for k, s in stats.items()},
+                                            os.path.join(out, "sparsity.png"), "fraction of exact zeros"))
+    if latency:
+        paths.append(plots.latency_plot(latency, os.path.join(out, "latency.png")))
+    return paths
+
+
+def cmd_eval(args) -> int:
+    what = {"ppl", "latency", "entropy"} if args.what == "all" else {args.what}
+    return run_eval(args, what)
+
+
+def cmd_demo(args) -> int:
+    args.model = None
+    return run_eval(args, {"ppl", "entropy", "latency"})
+
+
+def cmd_lm_eval(args, rest: list[str]) -> int:
+    from .evals.lm_eval_model import main as lm_eval_main
+
+    return lm_eval_main(rest) or 0
+
+
+def _csv_ints(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _add_eval_args(p, *, demo: bool = False) -> None:
+    if not demo:
+        p.add_argument("--model", default=None, help="a Hugging Face model folder (default: SmolLM2-135M-Instruct)")
+    p.add_argument("--attn", default=DEFAULT_ATTN, help="kinds to compare, e.g. softmax,topk:k=64,entmax:alpha=1.5")
+    p.add_argument("--layers", default=None, help="swap only these layers, e.g. 4-29 or 0,2,5 (default: all)")
+    p.add_argument("--out", default="attnswap-results", help="folder for results.json/.jsonl/.md and plots")
+    p.add_argument("--text-file", default=None, help="evaluate on this text file (default: the offline corpus)")
+    p.add_argument("--dataset", default=None, help="a datasets name, e.g. wikitext:wikitext-2-raw-v1:test")
+    p.add_argument("--max-tokens", type=int, default=2048 if demo else 8192, help="tokens of text for perplexity")
+    p.add_argument("--max-length", type=int, default=512, help="perplexity window")
+    p.add_argument("--stride", type=int, default=None, help="perplexity stride (default: the window)")
+    p.add_argument("--entropy-tokens", type=int, default=256 if demo else 512, help="tokens for the statistics")
+    p.add_argument("--contexts", type=_csv_ints, default=[128, 256] if demo else [512, 1024, 2048])
+    p.add_argument("--batch-sizes", type=_csv_ints, default=[1])
+    p.add_argument("--new-tokens", type=int, default=8 if demo else 32)
+    p.add_argument("--repeats", type=int, default=1 if demo else 3)
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--device", default="cuda" if _cuda() else "cpu")
+
+
+def _cuda() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except ImportError:
+        return False
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="attnswap", description="Swap the attention of Hugging Face models "
+                                     "and measure what it does.")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("kinds", help="list the attention kinds and their options")
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=cmd_kinds)
-    p = sub.add_parser("demo", help="perplexity of every kind on SmolLM2-135M (offline)")
-    p.add_argument("--attn", default="softmax,topk:k=64,entmax:alpha=1.5,sparsemax,linear,taylor")
-    p.add_argument("--max-tokens", type=int, default=2048)
-    p.add_argument("--max-length", type=int, default=512)
+    p = sub.add_parser("eval", help="perplexity, latency and attention statistics of several kinds")
+    p.add_argument("what", choices=["ppl", "latency", "entropy", "all"])
+    _add_eval_args(p)
+    p.set_defaults(fn=cmd_eval)
+    p = sub.add_parser("demo", help="every kind on SmolLM2-135M and the offline corpus: table and plots")
+    _add_eval_args(p, demo=True)
     p.set_defaults(fn=cmd_demo)
-    args = parser.parse_args(argv)
+    sub.add_parser("lm-eval", help="lm-evaluation-harness with model 'attnswap' (arguments go to lm-eval)",
+                   add_help=False)
+    return parser
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     from .errors import AttnSwapError
 
     try:
+        if argv[:1] == ["lm-eval"]:
+            return cmd_lm_eval(None, argv[1:])
+        args = build_parser().parse_args(argv)
         return args.fn(args)
     except AttnSwapError as err:
         print(f"attnswap: error: {err}", file=sys.stderr)

@@ -33,3 +33,37 @@ def stdlib_docstrings(modules=DEFAULT_MODULES, min_chars: int = 200) -> list[str
 def default_text(max_chars: int | None = None) -> str:
     text = "\n\n".join(stdlib_docstrings())
     return text[:max_chars] if max_chars else text
+
+
+def load_text(text_file: str | None = None, dataset: str | None = None) -> tuple[str, str]:
+    """(text, description) from a file, a ``datasets`` name ``name[:config[:split]]`` (e.g.
+    ``wikitext:wikitext-2-raw-v1:test``, used when reachable or cached), or the offline default corpus."""
+    from pathlib import Path
+
+    from ..errors import AttnSwapError
+
+    if text_file and dataset:
+        raise AttnSwapError("give either a text file or a dataset, not both")
+    if text_file:
+        path = Path(text_file)
+        if not path.is_file():
+            raise AttnSwapError(f"text file not found: {text_file}")
+        return path.read_text(encoding="utf-8", errors="replace"), f"file {path.name}"
+    if dataset:
+        parts = dataset.split(":")
+        if len(parts) > 3 or not parts[0]:
+            raise AttnSwapError(f"malformed dataset {dataset!r}; write name[:config[:split]], "
+                                "e.g. wikitext:wikitext-2-raw-v1:test")
+        name, config, split = (parts + [None, None])[:3]
+        try:
+            import datasets
+        except ImportError:
+            raise AttnSwapError("datasets is not installed: pip install 'attnswap[eval]'") from None
+        try:
+            data = datasets.load_dataset(name, config or None, split=split or "test")
+        except Exception as err:  # unknown name, no network and not cached, bad split, ...
+            raise AttnSwapError(f"could not load dataset {dataset!r}: {type(err).__name__}: {err}; "
+                                "pass --text-file or use the default corpus") from None
+        column = "text" if "text" in data.column_names else data.column_names[0]
+        return "\n\n".join(str(t) for t in data[column]), f"dataset {dataset}"
+    return default_text(), "Python standard-library docstrings"

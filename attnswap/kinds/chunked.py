@@ -107,13 +107,12 @@ def scored_attention(
         if bias is not None:
             s = s + bias
         if sink is not None:
-            s, visible = with_sink_column(s, visible, sink)
-            p = normalize(s, visible, **options)[..., :-1]
+            s, with_sink = with_sink_column(s, visible, sink)
+            p = normalize(s, with_sink, **options)[..., :-1]
         else:
             p = normalize(s, visible, **options)
         if observe is not None:
-            observe(p.detach(), vis.block(q0, q1, k0, k1, rows, heads, device)[0], q0=q0, k0=k0, rows=rows,
-                    heads=heads)
+            observe(p.detach(), visible, q0=q0, k0=k0, rows=rows, heads=heads)
         if dropout > 0.0:
             p = F.dropout(p, p=dropout, training=True)
         return torch.matmul(p, vb.float()), p

@@ -1,0 +1,250 @@
+"""Inference latency of a (swapped) causal LM: prefill time, greedy decode throughput and peak memory, per
+batch size and context length, on random token ids.
+
+    records = measure_latency(model, context_lengths=(512, 1024), new_tokens=32, on_record=print)
+
+Each configuration runs ``warmup`` untimed rounds, then ``repeats`` timed rounds of: one forward over the
+context with ``use_cache=True`` (prefill; only the last position's logits are computed where the model
+supports ``logits_to_keep``), then ``new_tokens`` greedy steps of one token each through the cache (decode).
+Times are medians over the timed rounds, with the spread (max − min) and the min and max beside them. On CUDA
+they come from CUDA events with a synchronize; elsewhere from ``time.perf_counter`` (after a synchronize on
+devices that have one).
+
+Peak memory (``peak_mem_mb``) covers the warm-up and timed rounds of the configuration:
+- CUDA: growth of ``torch.cuda.max_memory_allocated`` over the memory allocated before the configuration
+  (peak statistics reset first), so the model's weights are not counted;
+- CPU: growth of the process's peak RSS (``resource.getrusage(RUSAGE_SELF).ru_maxrss``) over its value before
+  the configuration. ``ru_maxrss`` is a high-water mark for the whole process: the growth is what this
+  configuration added to the highest RSS the process had reached, so it is 0 when an earlier (larger)
+  configuration or anything else in the process already went higher. Run configurations from small to large
+  (as the defaults do), or one per process, for meaningful numbers. ``peak_mem_method`` in each record says
+  which measure was used.
+"""
+
+from __future__ import annotations
+
+import gc
+import inspect
+import math
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterable
+
+import torch
+
+from ..errors import AttnSwapError
+
+__all__ = ["measure_latency"]
+
+_RSS_METHOD = (
+    "cpu_ru_maxrss_growth: growth of the process's peak RSS (a high-water mark) over its value before this "
+    "configuration; 0 when the process had already been higher"
+)
+_CUDA_METHOD = "cuda_max_memory_allocated_growth: peak allocated CUDA memory minus the memory allocated before"
+
+
+def measure_latency(model, *, context_lengths: Iterable[int] = (512, 1024, 2048), batch_sizes: Iterable[int] = (1,),
+                    new_tokens: int = 32, warmup: int = 1, repeats: int = 3, vocab_size: int | None = None,
+                    progress: Callable[[int], object] | None = None,
+                    on_record: Callable[[dict], object] | None = None, seed: int = 0) -> list[dict]:
+    """One record per (batch size, context length), in that nesting order (batch outer). See the module doc.
+
+    Record keys: ``context``, ``batch``, ``new_tokens``, ``prefill_ms`` (median), ``prefill_ms_spread``
+    (max − min), ``prefill_ms_min``, ``prefill_ms_max``, ``decode_tok_s`` (median of batch·new_tokens / decode
+    time), ``decode_tok_s_spread``, ``decode_tok_s_min``, ``decode_tok_s_max``, ``decode_ms_per_step``
+    (median), ``peak_mem_mb``, ``peak_mem_method``, ``device``, ``dtype``, ``warmup``, ``repeats``. A
+    configuration that fails (out of memory, a context longer than the model takes, ...) gives a record with
+    the same keys, the metrics ``None``, and ``error`` (``"ExceptionType: message"``); the run goes on.
+
+    ``vocab_size`` bounds the random ids (default: the model config's). ``progress(1)`` is called after each
+    configuration (total ``len(batch_sizes) * len(context_lengths)``); ``on_record(record)`` as each record is
+    done. ``new_tokens=0`` skips decode (its metrics are ``None``).
+    """
+    context_lengths = [int(n) for n in context_lengths]
+    batch_sizes = [int(b) for b in batch_sizes]
+    if not context_lengths or any(n < 1 for n in context_lengths):
+        raise AttnSwapError(f"context_lengths must be positive integers, got {context_lengths}")
+    if not batch_sizes or any(b < 1 for b in batch_sizes):
+        raise AttnSwapError(f"batch_sizes must be positive integers, got {batch_sizes}")
+    if new_tokens < 0 or warmup < 0 or repeats < 1:
+        raise AttnSwapError(f"need new_tokens >= 0, warmup >= 0, repeats >= 1; got new_tokens={new_tokens}, "
+                            f"warmup={warmup}, repeats={repeats}")
+    vocab_size = vocab_size or _vocab_size(model)
+    param = next(model.parameters())
+    device, dtype = param.device, param.dtype
+    extra = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
+
+    records = []
+    was_training = model.training
+    model.eval()
+    try:
+        for batch in batch_sizes:
+            for context in context_lengths:
+                record = {"context": context, "batch": batch, "new_tokens": new_tokens}
+                try:
+                    record.update(_measure_one(model, batch, context, new_tokens, warmup, repeats, vocab_size,
+                                               device, extra, seed))
+                except (KeyboardInterrupt, SystemExit):
+                    raise
+                except Exception as exc:  # noqa: BLE001 (one failing configuration must not end the run)
+                    message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+                    record.update({k: None for k in _METRIC_KEYS})
+                    record["peak_mem_method"] = _CUDA_METHOD if device.type == "cuda" else _RSS_METHOD
+                    record["error"] = f"{type(exc).__name__}: {message[:500]}"
+                if "error" in record:  # outside the handler, so the traceback's tensors can go
+                    _free(device)
+                record.update({"device": str(device), "dtype": str(dtype).removeprefix("torch."), "warmup": warmup,
+                               "repeats": repeats})
+                records.append(record)
+                if on_record is not None:
+                    on_record(record)
+                if progress is not None:
+                    progress(1)
+    finally:
+        model.train(was_training)
+    return records
+
+
+_METRIC_KEYS = ("prefill_ms", "prefill_ms_spread", "prefill_ms_min", "prefill_ms_max", "decode_tok_s",
+                "decode_tok_s_spread", "decode_tok_s_min", "decode_tok_s_max", "decode_ms_per_step", "peak_mem_mb")
+
+
+def _measure_one(model, batch, context, new_tokens, warmup, repeats, vocab_size, device, extra, seed) -> dict:
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + batch * 65_537 + context)
+    ids = torch.randint(0, vocab_size, (batch, context), generator=generator).to(device)
+    _free(device)
+    mem = _PeakMemory(device)
+    prefill_ms, decode_ms = [], []
+    with torch.inference_mode():
+        for round_ in range(warmup + repeats):
+            p_ms, d_ms = _one_round(model, ids, new_tokens, device, extra)
+            if round_ >= warmup:
+                prefill_ms.append(p_ms)
+                decode_ms.append(d_ms)
+    peak_mb = mem.growth_mb()
+    out = {**_summary("prefill_ms", prefill_ms), "peak_mem_mb": peak_mb, "peak_mem_method": mem.method}
+    if new_tokens:
+        tok_s = [batch * new_tokens / (ms / 1e3) if ms > 0 else math.inf for ms in decode_ms]
+        out.update(_summary("decode_tok_s", tok_s))
+        out["decode_ms_per_step"] = statistics.median(decode_ms) / new_tokens
+    else:
+        out.update({k: None for k in _METRIC_KEYS if k.startswith("decode")})
+    return out
+
+
+def _one_round(model, ids, new_tokens, device, extra) -> tuple[float, float]:
+    timer = _Timer(device)
+    timer.start()
+    out = model(input_ids=ids, use_cache=True, **extra)
+    prefill_ms = timer.stop()
+    past = out.past_key_values
+    if new_tokens and past is None:
+        raise AttnSwapError("the model returned no cache (past_key_values) with use_cache=True")
+    token = out.logits[:, -1].argmax(-1, keepdim=True)
+    del out
+    decode_ms = 0.0
+    if new_tokens:
+        timer.start()
+        for _ in range(new_tokens):
+            out = model(input_ids=token, past_key_values=past, use_cache=True, **extra)
+            past = out.past_key_values
+            token = out.logits[:, -1].argmax(-1, keepdim=True)
+        decode_ms = timer.stop()
+    return prefill_ms, decode_ms
+
+
+def _summary(name, values) -> dict:
+    lo, hi = min(values), max(values)
+    return {name: statistics.median(values), f"{name}_spread": hi - lo, f"{name}_min": lo, f"{name}_max": hi}
+
+
+class _Timer:
+    """CUDA events on CUDA, ``perf_counter`` (after a synchronize where the device has one) elsewhere."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.cuda = device.type == "cuda"
+
+    def _sync(self):
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+        elif self.device.type != "cpu":
+            module = getattr(torch, self.device.type, None)
+            if module is not None and hasattr(module, "synchronize"):
+                module.synchronize()
+
+    def start(self):
+        self._sync()
+        if self.cuda:
+            self._start = torch.cuda.Event(enable_timing=True)
+            self._end = torch.cuda.Event(enable_timing=True)
+            self._start.record()
+        else:
+            self._t0 = time.perf_counter()
+
+    def stop(self) -> float:
+        """Milliseconds since ``start``."""
+        if self.cuda:
+            self._end.record()
+            torch.cuda.synchronize(self.device)
+            return float(self._start.elapsed_time(self._end))
+        self._sync()
+        return (time.perf_counter() - self._t0) * 1e3
+
+
+class _PeakMemory:
+    def __init__(self, device: torch.device):
+        self.device = device
+        if device.type == "cuda":
+            self.method = _CUDA_METHOD
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            self.before = torch.cuda.memory_allocated(device)
+        else:
+            self.method = _RSS_METHOD
+            self.before = _max_rss_bytes()
+
+    def growth_mb(self) -> float | None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            return max(0, torch.cuda.max_memory_allocated(self.device) - self.before) / 2**20
+        after = _max_rss_bytes()
+        if after is None or self.before is None:
+            return None
+        return max(0, after - self.before) / 2**20
+
+
+def _max_rss_bytes() -> int | None:
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss if sys.platform == "darwin" else rss * 1024  # bytes on macOS, KiB on Linux
+
+
+def _free(device: torch.device):
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _vocab_size(model) -> int:
+    config = getattr(model, "config", None)
+    for cfg in (config, getattr(config, "get_text_config", lambda: None)()):
+        size = getattr(cfg, "vocab_size", None)
+        if size:
+            return int(size)
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if embeddings is not None and hasattr(embeddings, "num_embeddings"):
+        return int(embeddings.num_embeddings)
+    raise AttnSwapError("cannot tell the model's vocabulary size; pass vocab_size=")
+
+
+def _accepts(model, name: str) -> bool:
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+    return name in params

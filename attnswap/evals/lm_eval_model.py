@@ -1,0 +1,254 @@
+"""lm-evaluation-harness support: the model ``attnswap`` (an ``HFLM`` whose attention is swapped) and ``main``.
+
+Importing this module registers the model with lm-eval. From the command line::
+
+    attnswap lm-eval --model attnswap --model_args pretrained=DIR,attn=topk,k=32,layers=0-3 \\
+        --tasks attnswap_docstrings
+    python -m attnswap.evals.lm_eval_model ...      # the same; also under `accelerate launch`
+
+``model_args`` (comma-separated ``key=value``, as lm-eval parses them):
+
+- ``pretrained=DIR`` a Hugging Face folder, or ``default`` for attnswap's SmolLM2-135M (converted and cached once);
+- ``attn=KIND`` (default ``softmax``) and that kind's options by name, e.g. ``k=32`` (topk), ``alpha=1.5``
+  (entmax), ``eps=1e-6,form=quadratic`` (linear); values are converted to the option's type;
+- ``layers=SPEC`` which attention layers to swap (default all): indices and inclusive ranges joined by ``;``,
+  e.g. ``layers=0-3`` (0,1,2,3), ``layers=0;5;7``, ``layers=0-3;8-11``; ``layers=all`` for all;
+- ``impl=auto|torch|triton`` (default auto);
+- everything else goes to lm-eval's ``HFLM`` (``dtype``, ``max_length``, ``batch_size``, ...).
+
+``main(argv)`` runs lm-eval's own CLI with ``argv`` and adds ``--include_path`` to attnswap's task folder
+(``attnswap/evals/tasks``, with the offline task ``attnswap_docstrings``) unless ``argv`` names one.
+
+Correctness notes (checked by ``tests/test_lm_eval.py``): HFLM's loglikelihood calls the model with right-padded
+batches and no attention mask; every attnswap kind is causal, so the padding after a sequence cannot change
+its logits and batch_size=1 and batch_size=N agree. ``generate_until`` left-pads and passes the attention mask
+to ``generate`` (which builds its own KV cache); attnswap honors both.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import re
+import sys
+from typing import Any
+
+from .. import registry
+from ..errors import AttnSwapError
+from .tasks import TASK_DIR, TASKS
+
+try:
+    from lm_eval.api.registry import register_model
+    from lm_eval.models.huggingface import HFLM
+except ImportError as e:  # pragma: no cover - depends on the environment
+    raise ImportError("attnswap's lm-eval support needs lm-eval: pip install 'attnswap[eval]' "
+                      "(or pip install lm-eval)") from e
+
+MODEL_NAME = "attnswap"
+_OWN_ARGS = ("attn", "layers", "impl")
+_LAYER_ITEM = re.compile(r"^\s*(\d+)\s*(?:-\s*(\d+)\s*)?$")
+
+
+def parse_layers(spec: Any) -> list[int] | None:
+    """``layers=`` of model_args -> layer indices (None: all). Accepts ``"0-3;7"``-style strings, an int, a list."""
+    if spec is None:
+        return None
+    if isinstance(spec, bool):
+        raise AttnSwapError(f"layers must be indices and ranges like 0-3;7, got {spec!r}")
+    if isinstance(spec, int):
+        return [spec]
+    if isinstance(spec, float) and spec.is_integer():
+        return [int(spec)]
+    if isinstance(spec, (list, tuple, range)):
+        return [int(i) for i in spec]
+    if not isinstance(spec, str):
+        raise AttnSwapError(f"layers must be indices and ranges like 0-3;7, got {spec!r}")
+    if spec.strip().lower() in ("", "all", "none"):
+        return None
+    out: list[int] = []
+    for part in re.split(r"[;\s]+", spec.strip()):
+        m = _LAYER_ITEM.match(part)
+        if not m:
+            raise AttnSwapError(
+                f"bad layers spec {spec!r}: use indices and inclusive ranges joined by ';', e.g. "
+                "layers=0-3, layers=0;5;7 or layers=0-3;8-11 (',' separates model_args)")
+        lo = int(m.group(1))
+        hi = int(m.group(2)) if m.group(2) is not None else lo
+        if hi < lo:
+            raise AttnSwapError(f"bad layers range {part!r} in {spec!r}: the end is below the start")
+        out.extend(range(lo, hi + 1))
+    return out
+
+
+def _convert(opt: registry.Option, value: Any) -> Any:
+    """A model_args value (str, int, float or bool, as lm-eval parsed it) -> the option's type when it is one
+    (``k=32.0`` -> 32, ``alpha=2`` -> 2.0); otherwise left as is for the registry's validation to reject."""
+    if isinstance(value, bool):
+        return value
+    try:
+        if opt.type is int:
+            if isinstance(value, str):
+                value = float(value.strip())
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+        elif opt.type is float and isinstance(value, str):
+            return float(value)
+        elif opt.type is str and isinstance(value, (int, float)):
+            return str(value)
+    except ValueError:
+        pass
+    return value
+
+
+def split_model_args(kwargs: dict) -> tuple[str, dict, list[int] | None, str, dict]:
+    """Split model_args into (kind, its validated options, layers, impl, the rest for HFLM).
+
+    Raises a clear AttnSwapError on an unknown kind, a bad option value, an option of another kind, or a bad
+    layers spec, before any model is loaded.
+    """
+    kwargs = dict(kwargs)
+    kind_name = kwargs.pop("attn", "softmax")
+    kind_name = str(kind_name).strip() if kind_name is not None else "softmax"
+    kind = registry.get(kind_name)  # unknown kind: error listing the available kinds
+    schema = {o.name: o for o in kind.options if o.name not in kind.fixed}
+    valid = ", ".join(f"{n} (default {o.default!r})" for n, o in schema.items()) or "none"
+    options = {}
+    for name in list(kwargs):
+        if name in schema:
+            options[name] = _convert(schema[name], kwargs.pop(name))
+        elif name.startswith("attn_") and name != "attn_implementation":
+            raise AttnSwapError(f"unknown model_args option {name!r} for attention kind {kind_name!r}; its valid "
+                                f"options: {valid} (given without a prefix, e.g. k=32)")
+    # an option of some other kind (k=32 with attn=entmax) is a mistake, not a from_pretrained argument
+    others = {o.name for n in registry.names() for o in registry.get(n).options} - set(schema)
+    stray = sorted(n for n in kwargs if n in others)
+    if stray:
+        raise AttnSwapError(f"model_args {', '.join(map(repr, stray))} {'is not an option' if len(stray) == 1 else 'are not options'} "
+                            f"of attention kind {kind_name!r}; its valid options: {valid}")
+    options = kind.resolve(options)  # type/range errors name the option and its rule
+    options = {k: v for k, v in options.items() if k not in kind.fixed}
+    layers = parse_layers(kwargs.pop("layers", None))
+    impl = str(kwargs.pop("impl", "auto"))
+    return kind_name, options, layers, impl, kwargs
+
+
+@register_model(MODEL_NAME)
+class AttnSwapLM(HFLM):
+    """lm-eval's HFLM with attnswap's attention: ``--model attnswap --model_args pretrained=DIR,attn=topk,k=32``."""
+
+    def __init__(self, pretrained: Any = "default", **kwargs):
+        kind, options, layers, impl, rest = split_model_args(kwargs)
+        if isinstance(pretrained, str) and pretrained.strip().lower() in ("", "default"):
+            from ..default_model import default_model_path
+
+            pretrained = str(default_model_path())
+        try:
+            super().__init__(pretrained=pretrained, **rest)
+        except TypeError as e:
+            raise AttnSwapError(f"{e} (model_args for attention kind {kind!r}: attn, layers, impl and "
+                                f"{', '.join(options) or 'no options'}; the rest go to lm-eval's HFLM)") from e
+        self.attn_kind, self.attn_options, self.attn_layers, self.attn_impl = kind, options, layers, impl
+        from .. import swap_attention
+
+        self.swap_handle = swap_attention(self.model, kind, layers=layers, impl=impl, **options)
+        self._fix_cpu_data_parallel()
+
+    def _fix_cpu_data_parallel(self) -> None:
+        """HFLM shards requests across ``accelerate launch`` processes only when it sees >1 GPU; on CPU (or one
+        GPU) every process would evaluate everything. Shard there too."""
+        acc = getattr(self, "accelerator", None)
+        if acc is not None and acc.num_processes > 1 and self._world_size == 1:
+            self._rank = acc.process_index
+            self._world_size = acc.num_processes
+
+    def get_model_info(self) -> dict:
+        info = super().get_model_info()
+        info.update(attnswap_kind=self.attn_kind, attnswap_options=self.attn_options,
+                    attnswap_layers=self.attn_layers)
+        return info
+
+
+def _has_include_path(argv: list[str]) -> bool:
+    return any(a == "--include_path" or a.startswith("--include_path=") for a in argv)
+
+
+def build_argv(argv: list[str]) -> list[str]:
+    """``argv`` for lm-eval's CLI, with ``--include_path`` to attnswap's tasks unless one is given (lm-eval
+    takes a single include path: yours then replaces ours)."""
+    argv = list(argv)
+    if not argv or _has_include_path(argv) or argv[0] in ("-h", "--help"):
+        return argv
+    if argv[0] in ("run", "ls", "validate"):
+        return argv[:1] + ["--include_path", str(TASK_DIR)] + argv[1:]
+    if argv[0].startswith("-"):  # lm-eval's legacy form without 'run'
+        return ["--include_path", str(TASK_DIR)] + argv
+    return argv
+
+
+def _requested_tasks(argv: list[str]) -> list[str]:
+    tasks, i = [], 0
+    while i < len(argv):
+        a = argv[i]
+        if a.startswith("--tasks=") or a.startswith("-t="):
+            tasks += a.split("=", 1)[1].split(",")
+        elif a in ("--tasks", "-t"):
+            while i + 1 < len(argv) and not argv[i + 1].startswith("-"):
+                i += 1
+                tasks += argv[i].split(",")
+        i += 1
+    return [t.strip() for t in tasks if t.strip()]
+
+
+@contextlib.contextmanager
+def _skip_lm_eval_index(argv: list[str]):
+    """When the run asks only for attnswap's own tasks (and our --include_path is used), build lm-eval's task index
+    from our folder alone: indexing lm-eval's thousands of task YAMLs takes 10+ s and is not needed."""
+    try:
+        import lm_eval.tasks as lm_tasks
+
+        original = lm_tasks.TaskManager
+        usable = "include_defaults" in inspect.signature(original.__init__).parameters
+    except (ImportError, AttributeError, TypeError, ValueError):
+        usable = False
+    tasks = _requested_tasks(argv)
+    ours = (argv[:1] == ["run"] or argv[:1] == ["--include_path"]) and str(TASK_DIR) in argv
+    if not (usable and ours and tasks and all(t in TASKS for t in tasks)):
+        yield
+        return
+
+    class OurTasksOnly(original):
+        def __init__(self, *args, **kwargs):
+            kwargs.setdefault("include_defaults", False)
+            super().__init__(*args, **kwargs)
+
+    lm_tasks.TaskManager = OurTasksOnly
+    try:
+        yield
+    finally:
+        lm_tasks.TaskManager = original
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run lm-eval's command line (``lm-eval run ...``; ``run`` may be left out) with the ``attnswap`` model
+    registered and attnswap's task folder included. Returns the exit status."""
+    from lm_eval._cli import HarnessCLI
+    from lm_eval.utils import setup_logging
+
+    argv = build_argv(sys.argv[1:] if argv is None else argv)
+    saved = sys.argv
+    sys.argv = ["lm-eval"] + argv  # HarnessCLI reads sys.argv (and inserts 'run' when it is left out)
+    try:
+        setup_logging()
+        parser = HarnessCLI()
+        args = parser.parse_args()
+        with _skip_lm_eval_index(argv):
+            parser.execute(args)
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    finally:
+        sys.argv = saved
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,108 @@
+"""Running the evaluations over several attention specs and writing what they measure as it comes."""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import torch
+
+from ..api import swapped
+from ..errors import AttnSwapError
+from .specs import AttnSpec
+
+
+def load_model(path: str | None = None, *, dtype: str = "float32", device: str = "cpu"):
+    """(model, tokenizer) from a folder, or the default model (SmolLM2-135M) when ``path`` is None/'default'."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if path in (None, "", "default"):
+        from ..default_model import default_model_path
+
+        path = default_model_path()
+    elif not Path(path).is_dir() or not (Path(path) / "config.json").exists():
+        raise AttnSwapError(f"model path {str(path)!r} is not a folder with a config.json "
+                            "(a Hugging Face model saved with save_pretrained)")
+    try:
+        torch_dtype = getattr(torch, dtype)
+    except AttributeError:
+        raise AttnSwapError(f"unknown dtype {dtype!r}; use float32, bfloat16 or float16") from None
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, attn_implementation="sdpa")
+    return model.to(device).eval(), AutoTokenizer.from_pretrained(path)
+
+
+@contextlib.contextmanager
+def applied(model, spec: AttnSpec):
+    if spec.kind is None:
+        yield None
+    else:
+        with swapped(model, spec.kind, layers=spec.layers, **spec.options) as handle:
+            yield handle
+
+
+def tokenize(tokenizer, text: str, max_tokens: int | None = None) -> torch.Tensor:
+    ids = tokenizer(text, return_tensors="pt").input_ids
+    return ids[:, :max_tokens] if max_tokens else ids
+
+
+def _bar(total: int, desc: str, enabled: bool = True):
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, desc=desc, leave=False, disable=not enabled)
+
+
+def run_perplexity(model, ids, specs: list[AttnSpec], *, max_length: int, stride: int | None, writer=None,
+                   show: bool = True) -> list[dict]:
+    from .perplexity import perplexity, windows
+
+    rows, own = [], None
+    total = len(windows(ids.shape[1], max_length, stride or max_length)) if ids.shape[1] >= max_length else 0
+    for spec in [AttnSpec(None)] + specs:
+        bar = _bar(total, f"perplexity {spec.label}", show)
+        with applied(model, spec):
+            result = perplexity(model, ids, max_length=max_length, stride=stride,
+                                progress=bar.update if bar else None)
+        if bar:
+            bar.close()
+        own = own or result.ppl
+        row = {"attention": spec.label, "kind": spec.kind or "own", "options": spec.options, "layers": spec.layers,
+               **result.to_dict(), "vs_own": result.ppl / own, "max_length": max_length, "stride": stride or max_length}
+        rows.append(row)
+        if writer is not None:
+            writer.add("perplexity", row)
+    return rows
+
+
+def run_entropy(model, ids, specs: list[AttnSpec], *, writer=None) -> dict:
+    from .entropy import attention_stats
+
+    stats = {}
+    for spec in specs:
+        result = attention_stats(model, ids, kind=spec.kind or "softmax", layers=spec.layers, **spec.options)
+        stats[spec.label] = result
+        if writer is not None:
+            writer.add("entropy", {"attention": spec.label, **result.to_dict()})
+    return stats
+
+
+def run_latency(model, specs: list[AttnSpec], *, contexts, batch_sizes, new_tokens: int, repeats: int,
+                writer=None, show: bool = True) -> dict:
+    from .latency import measure_latency
+
+    out = {}
+    for spec in [AttnSpec(None)] + specs:
+        bar = _bar(len(contexts) * len(batch_sizes), f"latency {spec.label}", show)
+
+        def record(r, label=spec.label):
+            if writer is not None:
+                writer.add("latency", {"attention": label, **r})
+
+        with applied(model, spec):
+            out[spec.label] = measure_latency(model, context_lengths=contexts, batch_sizes=batch_sizes,
+                                              new_tokens=new_tokens, repeats=repeats, on_record=record,
+                                              progress=bar.update if bar else None)
+        if bar:
+            bar.close()
+    return out

@@ -1,0 +1,134 @@
+"""Perplexity (the standard strided recipe, data-parallel) and the ``attnswap eval`` command end to end."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+from attnswap import AttnSwapError
+from attnswap.cli import main
+from attnswap.default_model import default_model_path
+from attnswap.evals.corpus import default_text, load_text
+from attnswap.evals.perplexity import perplexity
+from attnswap.evals.specs import parse_attn, parse_layers
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    """A tiny random llama with the real SmolLM2 tokenizer, saved like a user's model folder."""
+    path = tmp_path_factory.mktemp("tiny")
+    tokenizer = AutoTokenizer.from_pretrained(default_model_path())
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      initializer_range=0.2)
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_dir):
+    return LlamaForCausalLM.from_pretrained(tiny_dir).eval(), AutoTokenizer.from_pretrained(tiny_dir)
+
+
+def transformers_recipe(model, input_ids, max_length, stride):
+    """The strided perplexity loop as transformers documents it, written out independently."""
+    seq_len = input_ids.size(1)
+    nll_sum, n_tokens, prev_end_loc = 0.0, 0, 0
+    for begin_loc in range(0, seq_len, stride):
+        end_loc = min(begin_loc + max_length, seq_len)
+        trg_len = end_loc - prev_end_loc
+        ids = input_ids[:, begin_loc:end_loc]
+        target_ids = ids.clone()
+        target_ids[:, :-trg_len] = -100
+        with torch.no_grad():
+            loss = model(ids, labels=target_ids).loss
+        num_loss_tokens = (target_ids != -100).sum().item() - target_ids.size(0)
+        nll_sum += loss.item() * num_loss_tokens
+        n_tokens += num_loss_tokens
+        prev_end_loc = end_loc
+        if end_loc == seq_len:
+            break
+    return math.exp(nll_sum / n_tokens)
+
+
+@pytest.mark.parametrize("stride", [128, 64])
+def test_perplexity_equals_transformers_recipe(tiny, stride):
+    model, tok = tiny
+    ids = tok(default_text(max_chars=5000), return_tensors="pt").input_ids[:, :700]
+    ours = perplexity(model, ids, max_length=128, stride=stride)
+    assert ours.tokens == (699 if stride < 128 else 700 - 6)  # disjoint windows leave each first token unscored
+    assert abs(ours.ppl / transformers_recipe(model, ids, 128, stride) - 1) < 1e-3
+
+
+def test_bad_input_errors(tiny, tiny_dir, tmp_path):
+    model, tok = tiny
+    with pytest.raises(AttnSwapError, match="shorter than one window"):
+        perplexity(model, torch.ones(1, 10, dtype=torch.long), max_length=128)
+    with pytest.raises(AttnSwapError, match="text file not found"):
+        load_text(text_file=str(tmp_path / "missing.txt"))
+    with pytest.raises(AttnSwapError, match="could not load dataset 'no_such_dataset_xyz'"):
+        load_text(dataset="no_such_dataset_xyz")
+    with pytest.raises(AttnSwapError, match="malformed attention spec"):
+        parse_attn("topk:k64")
+    with pytest.raises(AttnSwapError, match="unknown attention kind"):
+        parse_attn("softmax,topkk:k=3")
+    with pytest.raises(AttnSwapError, match="option 'k'"):
+        parse_attn("topk:k=0")
+    with pytest.raises(AttnSwapError, match="malformed layers"):
+        parse_layers("1-x")
+    assert parse_layers("0-2,5") == [0, 1, 2, 5]
+    assert [s.label for s in parse_attn("softmax,topk:k=8,entmax:alpha=1.25")] == [
+        "softmax", "topk k=8", "entmax alpha=1.25"]
+    out = str(tmp_path / "o")
+    assert main(["eval", "ppl", "--model", str(tmp_path / "nope"), "--out", out]) == 2
+    assert main(["eval", "ppl", "--model", tiny_dir, "--attn", "topk:k=", "--out", out]) == 2
+    assert main(["eval", "ppl", "--model", tiny_dir, "--text-file", str(tmp_path / "x.txt"), "--out", out]) == 2
+
+
+def test_eval_all_writes_results_tables_and_plots(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "res"
+    code = main(["eval", "all", "--model", tiny_dir, "--attn", "softmax,topk:k=4,entmax:alpha=1.5,linear",
+                 "--out", str(out), "--max-tokens", "300", "--max-length", "128", "--entropy-tokens", "64",
+                 "--contexts", "32,64", "--new-tokens", "2", "--repeats", "1"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "topk k=4" in printed and "ppl" in printed and "decode tok/s" in printed
+    results = json.loads((out / "results.json").read_text())
+    ppl = {r["attention"]: r for r in results["perplexity"]}
+    assert set(ppl) == {"model's own", "softmax", "topk k=4", "entmax alpha=1.5", "linear"}
+    assert abs(ppl["softmax"]["ppl"] / ppl["model's own"]["ppl"] - 1) < 1e-3
+    assert ppl["linear"]["ppl"] != ppl["softmax"]["ppl"]
+    assert len(results["entropy"]) == 4 and len(results["latency"]) == 5 * 2
+    assert (out / "results.jsonl").read_text().count("\n") == len(ppl) + 4 + 10
+    assert "Perplexity" in (out / "results.md").read_text()
+    for name in ("perplexity.png", "entropy.png", "sparsity.png", "latency.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+
+
+def test_data_parallel_perplexity_equals_one_process(tiny_dir, tmp_path):
+    pytest.importorskip("accelerate")
+    common = ["eval", "ppl", "--model", tiny_dir, "--attn", "topk:k=8", "--max-tokens", "600",
+              "--max-length", "128", "--stride", "96"]
+    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, "-m", "attnswap", *common, "--out", str(tmp_path / "one")],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",
+                          "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                          "-m", "attnswap", *common, "--out", str(tmp_path / "two")],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+    a = json.loads((tmp_path / "one" / "results.json").read_text())["perplexity"]
+    b = json.loads((tmp_path / "two" / "results.json").read_text())["perplexity"]
+    assert [r["tokens"] for r in a] == [r["tokens"] for r in b]
+    for x, y in zip(a, b):
+        assert abs(x["ppl"] / y["ppl"] - 1) < 1e-6, (x, y)

@@ -9,15 +9,15 @@ import sys
 
 DEFAULT_ATTN = "softmax,topk:k=64,entmax:alpha=1.5,sparsemax,linear,taylor"
 
-PPL_COLUMNS = [("attention", "attention", "{}"), ("ppl", "ppl", "{:.3f}"), ("vs_own", "vs own", "{:.3f}x"),
-               ("nll_per_token", "nll/token", "{:.4f}"), ("tokens", "tokens", "{}"), ("seconds", "seconds", "{:.1f}")]
-ENTROPY_COLUMNS = [("attention", "attention", "{}"), ("entropy", "entropy (nats)", "{:.3f}"),
-                   ("normalized_entropy", "normalized", "{:.3f}"), ("gini", "gini", "{:.3f}"),
-                   ("max_weight", "max weight", "{:.3f}"), ("effective_tokens", "eff. tokens", "{:.1f}"),
-                   ("sparsity", "zero frac.", "{:.3f}")]
-LATENCY_COLUMNS = [("attention", "attention", "{}"), ("batch", "batch", "{}"), ("context", "context", "{}"),
-                   ("prefill_ms", "prefill ms", "{:.1f}"), ("decode_tok_s", "decode tok/s", "{:.1f}"),
-                   ("peak_mem_mb", "peak MB", "{:.0f}")]
+PPL_COLUMNS = [("attention", "attention", None), ("ppl", "ppl", ".3f"), ("vs_own", "vs own", lambda v: f"{v:.3f}x"),
+               ("nll_per_token", "nll/token", ".4f"), ("tokens", "tokens", None), ("seconds", "seconds", ".1f")]
+ENTROPY_COLUMNS = [("attention", "attention", None), ("entropy", "entropy (nats)", ".3f"),
+                   ("normalized_entropy", "normalized", ".3f"), ("gini", "gini", ".3f"),
+                   ("max_weight", "max weight", ".3f"), ("effective_tokens", "eff. tokens", ".1f"),
+                   ("sparsity", "zero frac.", ".3f")]
+LATENCY_COLUMNS = [("attention", "attention", None), ("batch", "batch", None), ("context", "context", None),
+                   ("prefill_ms", "prefill ms", ".1f"), ("decode_tok_s", "decode tok/s", ".1f"),
+                   ("peak_mem_mb", "peak MB", ".0f")]
 
 
 def _main_process() -> bool:

@@ -10,19 +10,24 @@ Importing this module registers the model with lm-eval. From the command line::
 
 - ``pretrained=DIR`` a Hugging Face folder, or ``default`` for attnswap's SmolLM2-135M (converted and cached once);
 - ``attn=KIND`` (default ``softmax``) and that kind's options by name, e.g. ``k=32`` (topk), ``alpha=1.5``
-  (entmax), ``eps=1e-6,form=quadratic`` (linear); values are converted to the option's type;
-- ``layers=SPEC`` which attention layers to swap (default all): indices and inclusive ranges joined by ``;``,
-  e.g. ``layers=0-3`` (0,1,2,3), ``layers=0;5;7``, ``layers=0-3;8-11``; ``layers=all`` for all;
+  (entmax), ``eps=1e-6,form=quadratic`` (linear); values are converted to the option's type. ``attn=none``
+  keeps the model's own attention (for side-by-side runs);
+- ``layers=SPEC`` which attention layers to swap (default all): indices and inclusive ranges joined by ``;``
+  (``,`` separates model_args), e.g. ``layers=0-3`` (0,1,2,3), ``layers=0;5;7``, ``layers=0-3;8-11``;
 - ``impl=auto|torch|triton`` (default auto);
 - everything else goes to lm-eval's ``HFLM`` (``dtype``, ``max_length``, ``batch_size``, ...).
 
 ``main(argv)`` runs lm-eval's own CLI with ``argv`` and adds ``--include_path`` to attnswap's task folder
 (``attnswap/evals/tasks``, with the offline task ``attnswap_docstrings``) unless ``argv`` names one.
 
-Correctness notes (checked by ``tests/test_lm_eval.py``): HFLM's loglikelihood calls the model with right-padded
-batches and no attention mask; every attnswap kind is causal, so the padding after a sequence cannot change
-its logits and batch_size=1 and batch_size=N agree. ``generate_until`` left-pads and passes the attention mask
-to ``generate`` (which builds its own KV cache); attnswap honors both.
+Data-parallel on CPU: ``ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 -m
+attnswap.evals.lm_eval_model ...`` (or ``torchrun``); ``accelerate launch --cpu --num_processes 2`` starts only
+one process. HFLM shards requests only when it sees several GPUs; this model shards on CPU too.
+
+Correctness (checked by ``tests/test_lm_eval.py``): HFLM's loglikelihood calls the model on right-padded batches
+with no attention mask; attnswap applies the causal mask for every kind, so the padding after a sequence cannot
+change its scores and batch_size=1 and batch_size=N agree. ``generate_until`` left-pads and passes the attention
+mask to ``generate`` (which builds its own KV cache); attnswap honors both.
 """
 
 from __future__ import annotations
@@ -45,7 +50,7 @@ except ImportError as e:  # pragma: no cover - depends on the environment
                       "(or pip install lm-eval)") from e
 
 MODEL_NAME = "attnswap"
-_OWN_ARGS = ("attn", "layers", "impl")
+OWN = ("none", "own", "model")  # attn=none: the model's own attention (no swap), for side-by-side runs
 _LAYER_ITEM = re.compile(r"^\s*(\d+)\s*(?:-\s*(\d+)\s*)?$")
 
 
@@ -100,6 +105,17 @@ def _convert(opt: registry.Option, value: Any) -> Any:
     return value
 
 
+def _valid_options(kind_name: str) -> str:
+    if kind_name == "none":
+        return "none"
+    kind = registry.get(kind_name)
+    return ", ".join(f"{o.name} (default {o.default!r})" for o in kind.options if o.name not in kind.fixed) or "none"
+
+
+def _all_option_names() -> set[str]:
+    return {o.name for n in registry.names() for o in registry.get(n).options}
+
+
 def split_model_args(kwargs: dict) -> tuple[str, dict, list[int] | None, str, dict]:
     """Split model_args into (kind, its validated options, layers, impl, the rest for HFLM).
 
@@ -108,10 +124,18 @@ def split_model_args(kwargs: dict) -> tuple[str, dict, list[int] | None, str, di
     """
     kwargs = dict(kwargs)
     kind_name = kwargs.pop("attn", "softmax")
-    kind_name = str(kind_name).strip() if kind_name is not None else "softmax"
+    kind_name = "none" if kind_name is None else str(kind_name).strip()  # lm-eval may turn attn=none into None
+    if kind_name.lower() in OWN:
+        stray = sorted(n for n in kwargs if n in _all_option_names() or n.startswith("attn_"))
+        if stray or kwargs.get("layers") not in (None, "", "all"):
+            raise AttnSwapError(f"attn={kind_name} keeps the model's own attention: it takes no options or layers, "
+                                f"got {', '.join(map(repr, stray or ['layers']))}")
+        kwargs.pop("layers", None)
+        kwargs.pop("impl", None)
+        return "none", {}, None, "auto", kwargs
     kind = registry.get(kind_name)  # unknown kind: error listing the available kinds
     schema = {o.name: o for o in kind.options if o.name not in kind.fixed}
-    valid = ", ".join(f"{n} (default {o.default!r})" for n, o in schema.items()) or "none"
+    valid = _valid_options(kind_name)
     options = {}
     for name in list(kwargs):
         if name in schema:
@@ -120,11 +144,12 @@ def split_model_args(kwargs: dict) -> tuple[str, dict, list[int] | None, str, di
             raise AttnSwapError(f"unknown model_args option {name!r} for attention kind {kind_name!r}; its valid "
                                 f"options: {valid} (given without a prefix, e.g. k=32)")
     # an option of some other kind (k=32 with attn=entmax) is a mistake, not a from_pretrained argument
-    others = {o.name for n in registry.names() for o in registry.get(n).options} - set(schema)
+    others = _all_option_names() - set(schema)
     stray = sorted(n for n in kwargs if n in others)
     if stray:
-        raise AttnSwapError(f"model_args {', '.join(map(repr, stray))} {'is not an option' if len(stray) == 1 else 'are not options'} "
-                            f"of attention kind {kind_name!r}; its valid options: {valid}")
+        what = "is not an option" if len(stray) == 1 else "are not options"
+        raise AttnSwapError(f"model_args {', '.join(map(repr, stray))} {what} of attention kind {kind_name!r}; "
+                            f"its valid options: {valid}")
     options = kind.resolve(options)  # type/range errors name the option and its rule
     options = {k: v for k, v in options.items() if k not in kind.fixed}
     layers = parse_layers(kwargs.pop("layers", None))
@@ -145,12 +170,14 @@ class AttnSwapLM(HFLM):
         try:
             super().__init__(pretrained=pretrained, **rest)
         except TypeError as e:
-            raise AttnSwapError(f"{e} (model_args for attention kind {kind!r}: attn, layers, impl and "
-                                f"{', '.join(options) or 'no options'}; the rest go to lm-eval's HFLM)") from e
+            raise AttnSwapError(f"{e} (attnswap's model_args are attn, layers, impl and the options of attention "
+                                f"kind {kind!r}: {_valid_options(kind)}; the rest go to lm-eval's HFLM and on to "
+                                "from_pretrained)") from e
         self.attn_kind, self.attn_options, self.attn_layers, self.attn_impl = kind, options, layers, impl
         from .. import swap_attention
 
-        self.swap_handle = swap_attention(self.model, kind, layers=layers, impl=impl, **options)
+        self.swap_handle = (None if kind == "none" else
+                            swap_attention(self.model, kind, layers=layers, impl=impl, **options))
         self._fix_cpu_data_parallel()
 
     def _fix_cpu_data_parallel(self) -> None:
@@ -231,13 +258,21 @@ def _skip_lm_eval_index(argv: list[str]):
 def main(argv: list[str] | None = None) -> int:
     """Run lm-eval's command line (``lm-eval run ...``; ``run`` may be left out) with the ``attnswap`` model
     registered and attnswap's task folder included. Returns the exit status."""
-    from lm_eval._cli import HarnessCLI
-    from lm_eval.utils import setup_logging
-
     argv = build_argv(sys.argv[1:] if argv is None else argv)
     saved = sys.argv
-    sys.argv = ["lm-eval"] + argv  # HarnessCLI reads sys.argv (and inserts 'run' when it is left out)
+    sys.argv = ["lm-eval"] + argv  # lm-eval's CLI reads sys.argv (and inserts 'run' when it is left out)
     try:
+        try:
+            from lm_eval._cli import HarnessCLI  # lm-eval >= 0.4.9-ish: subcommands run / ls / validate
+        except ImportError:  # older lm-eval: a single flat command
+            from lm_eval.__main__ import cli_evaluate
+
+            if argv[:1] == ["run"]:
+                sys.argv = ["lm-eval"] + argv[1:]
+            cli_evaluate()
+            return 0
+        from lm_eval.utils import setup_logging
+
         setup_logging()
         parser = HarnessCLI()
         args = parser.parse_args()

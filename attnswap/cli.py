@@ -138,7 +138,7 @@ def _add_eval_args(p, *, demo: bool = False) -> None:
     if not demo:
         p.add_argument("--model", default=None, help="a Hugging Face model folder (default: SmolLM2-135M-Instruct)")
     p.add_argument("--attn", default=DEFAULT_ATTN, help="kinds to compare, e.g. softmax,topk:k=64,entmax:alpha=1.5")
-    p.add_argument("--layers", default=None, help="swap only these layers, e.g. 4-29 or 0,2,5 (default: all)")
+    p.add_argument("--layers", default=None, help="swap only these layers: inclusive ranges and indices, e.g. 4-29 or 0,2,5 (default: all)")
     p.add_argument("--out", default="attnswap-results", help="folder for results.json/.jsonl/.md and plots")
     p.add_argument("--text-file", default=None, help="evaluate on this text file (default: the offline corpus)")
     p.add_argument("--dataset", default=None, help="a datasets name, e.g. wikitext:wikitext-2-raw-v1:test")

@@ -83,7 +83,7 @@ def test_bad_input_errors(tiny, tiny_dir, tmp_path):
         parse_attn("softmax,topkk:k=3")
     with pytest.raises(AttnSwapError, match="option 'k'"):
         parse_attn("topk:k=0")
-    with pytest.raises(AttnSwapError, match="malformed layers"):
+    with pytest.raises(AttnSwapError, match="bad layers spec"):
         parse_layers("1-x")
     assert parse_layers("0-2,5") == [0, 1, 2, 5]
     assert [s.label for s in parse_attn("softmax,topk:k=8,entmax:alpha=1.25")] == [
@@ -122,13 +122,16 @@ def test_data_parallel_perplexity_equals_one_process(tiny_dir, tmp_path):
     one = subprocess.run([sys.executable, "-m", "attnswap", *common, "--out", str(tmp_path / "one")],
                          capture_output=True, text=True, env=env, timeout=600)
     assert one.returncode == 0, one.stderr[-3000:]
-    two = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",
+    # accelerate 1.x starts one process for `--cpu --num_processes 2`; two CPU processes take --multi_gpu with
+    # ACCELERATE_USE_CPU=1 (gloo)
+    two = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                           "-m", "attnswap", *common, "--out", str(tmp_path / "two")],
-                         capture_output=True, text=True, env=env, timeout=600)
+                         capture_output=True, text=True, env={**env, "ACCELERATE_USE_CPU": "1"}, timeout=600)
     assert two.returncode == 0, two.stderr[-3000:]
     a = json.loads((tmp_path / "one" / "results.json").read_text())["perplexity"]
     b = json.loads((tmp_path / "two" / "results.json").read_text())["perplexity"]
+    assert [r["processes"] for r in a] == [1, 1] and [r["processes"] for r in b] == [2, 2]
     assert [r["tokens"] for r in a] == [r["tokens"] for r in b]
     for x, y in zip(a, b):
         assert abs(x["ppl"] / y["ppl"] - 1) < 1e-6, (x, y)

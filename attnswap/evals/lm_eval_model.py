@@ -40,6 +40,7 @@ from typing import Any
 
 from .. import registry
 from ..errors import AttnSwapError
+from .specs import parse_layers
 from .tasks import TASK_DIR, TASKS
 
 try:
@@ -51,38 +52,6 @@ except ImportError as e:  # pragma: no cover - depends on the environment
 
 MODEL_NAME = "attnswap"
 OWN = ("none", "own", "model")  # attn=none: the model's own attention (no swap), for side-by-side runs
-_LAYER_ITEM = re.compile(r"^\s*(\d+)\s*(?:-\s*(\d+)\s*)?$")
-
-
-def parse_layers(spec: Any) -> list[int] | None:
-    """``layers=`` of model_args -> layer indices (None: all). Accepts ``"0-3;7"``-style strings, an int, a list."""
-    if spec is None:
-        return None
-    if isinstance(spec, bool):
-        raise AttnSwapError(f"layers must be indices and ranges like 0-3;7, got {spec!r}")
-    if isinstance(spec, int):
-        return [spec]
-    if isinstance(spec, float) and spec.is_integer():
-        return [int(spec)]
-    if isinstance(spec, (list, tuple, range)):
-        return [int(i) for i in spec]
-    if not isinstance(spec, str):
-        raise AttnSwapError(f"layers must be indices and ranges like 0-3;7, got {spec!r}")
-    if spec.strip().lower() in ("", "all", "none"):
-        return None
-    out: list[int] = []
-    for part in re.split(r"[;\s]+", spec.strip()):
-        m = _LAYER_ITEM.match(part)
-        if not m:
-            raise AttnSwapError(
-                f"bad layers spec {spec!r}: use indices and inclusive ranges joined by ';', e.g. "
-                "layers=0-3, layers=0;5;7 or layers=0-3;8-11 (',' separates model_args)")
-        lo = int(m.group(1))
-        hi = int(m.group(2)) if m.group(2) is not None else lo
-        if hi < lo:
-            raise AttnSwapError(f"bad layers range {part!r} in {spec!r}: the end is below the start")
-        out.extend(range(lo, hi + 1))
-    return out
 
 
 def _convert(opt: registry.Option, value: Any) -> Any:

@@ -22,6 +22,7 @@ class Perplexity:
     nll_per_token: float
     tokens: int
     seconds: float
+    processes: int = 1  # data-parallel processes that shared the windows
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -81,4 +82,4 @@ def perplexity(model, input_ids: torch.Tensor, *, max_length: int = 512, stride:
         totals = reduced.cpu()
     nll = float(totals[0] / totals[1])
     return Perplexity(ppl=math.exp(nll), nll_per_token=nll, tokens=int(totals[1]),
-                      seconds=time.perf_counter() - start_time)
+                      seconds=time.perf_counter() - start_time, processes=world)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
+from typing import Any
 
 from .. import registry
 from ..errors import AttnSwapError
@@ -22,6 +24,9 @@ class AttnSpec:
             return "model's own"
         opts = "".join(f" {k}={v}" for k, v in self.options.items())
         return f"{self.kind}{opts}"
+
+
+_LAYER_ITEM = re.compile(r"^\s*(\d+)\s*(?:-\s*(\d+)\s*)?$")
 
 
 def _number(text: str):
@@ -52,16 +57,33 @@ def parse_attn(spec: str, layers: list[int] | None = None) -> list[AttnSpec]:
     return out
 
 
-def parse_layers(text: str | None) -> list[int] | None:
-    """``"4-29"``, ``"0,2,5"``, ``"0-3,8"`` -> sorted layer indices (None: all)."""
-    if text is None or text == "" or text == "all":
+def parse_layers(spec: Any) -> list[int] | None:
+    """``"4-29"``, ``"0;5;7"``, ``"0-3,8"`` (inclusive ranges; ``;`` survives lm-eval's comma-separated model_args),
+    an int or a list -> layer indices (None: all)."""
+    if spec is None:
         return None
-    layers = set()
-    for part in text.replace(";", ",").split(","):
-        part = part.strip()
-        lo, dash, hi = part.partition("-")
-        try:
-            layers.update(range(int(lo), int(hi) + 1) if dash else [int(lo)])
-        except ValueError:
-            raise AttnSwapError(f"malformed layers {text!r}: write e.g. 4-29 or 0,2,5 or 0-3,8") from None
-    return sorted(layers)
+    if isinstance(spec, bool):
+        raise AttnSwapError(f"layers must be indices and ranges like 0-3;7, got {spec!r}")
+    if isinstance(spec, int):
+        return [spec]
+    if isinstance(spec, float) and spec.is_integer():
+        return [int(spec)]
+    if isinstance(spec, (list, tuple, range)):
+        return [int(i) for i in spec]
+    if not isinstance(spec, str):
+        raise AttnSwapError(f"layers must be indices and ranges like 0-3;7, got {spec!r}")
+    if spec.strip().lower() in ("", "all", "none"):
+        return None
+    out: list[int] = []
+    for part in re.split(r"[;,\s]+", spec.strip()):
+        m = _LAYER_ITEM.match(part)
+        if not m:
+            raise AttnSwapError(
+                f"bad layers spec {spec!r}: use indices and inclusive ranges joined by ';', e.g. "
+                "layers=0-3, layers=0;5;7 or layers=0-3;8-11 (',' separates model_args)")
+        lo = int(m.group(1))
+        hi = int(m.group(2)) if m.group(2) is not None else lo
+        if hi < lo:
+            raise AttnSwapError(f"bad layers range {part!r} in {spec!r}: the end is below the start")
+        out.extend(range(lo, hi + 1))
+    return out

@@ -83,13 +83,16 @@ def scored_attention(
     need_weights: bool = False,
     pair_scores: Callable | None = None,
     observe=None,
+    fused: Callable | None = None,
 ):
     """Attention whose weights are ``normalize`` of each row's scores, in blocks.
 
     ``query`` (b,Hq,n,d), ``key``/``value`` (b,Hkv,m,d|dv); ``vis`` with its mask already grouped. Returns
     ``(out (b,Hq,n,dv) fp32, weights (b,Hq,n,m) fp32 | None)``. ``pair_scores(qb, kb)`` replaces
     ``scaling * q.k`` (the feature-map kinds). ``observe(p, visible, q0=, k0=, rows=, heads=)`` sees every
-    weight block (see ``attnswap.observe``).
+    weight block (see ``attnswap.observe``). ``fused(qb, kb, vb, visible, dropout) -> out`` computes a whole block
+    at once when nothing but the mask applies (no softcap, sinks, bias, weights or observer): softmax uses
+    torch's fused SDPA kernels there.
     """
     b, hq, n, _ = query.shape
     hkv, m, dv = key.shape[1], key.shape[2], value.shape[-1]
@@ -99,7 +102,13 @@ def scored_attention(
     score_fn = pair_scores or (lambda qb, kb: dot_scores(qb, kb, scaling))
     device = query.device
 
+    use_fused = fused is not None and softcap is None and sink_g is None and not need_weights and observe is None
+
     def block(qb, kb, vb, sink, q0, q1, k0, k1, rows, heads):
+        if use_fused:
+            visible, bias = vis.block(q0, q1, k0, k1, rows, heads, device)
+            if bias is None:
+                return fused(qb, kb, vb, visible, dropout).float(), None
         s = score_fn(qb.float(), kb.float())
         if softcap is not None:
             s = torch.tanh(s / softcap) * softcap

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from .. import registry
 from .chunked import masked_fill_min, scored_attention
@@ -18,8 +19,31 @@ def normalize(s: torch.Tensor, visible: torch.Tensor | None) -> torch.Tensor:
     return e / torch.where(den == 0, torch.ones_like(den), den)
 
 
-def forward(query, key, value, vis, **kw):
-    return scored_attention(query, key, value, vis, normalize=normalize, options={}, **kw)
+def make_sdpa_block(scaling: float):
+    """A block through ``F.scaled_dot_product_attention`` (fused kernels, GQA without repeating K/V)."""
+
+    def sdpa_block(qb, kb, vb, visible, dropout):
+        b, hkv, groups, n, d = qb.shape
+        q = qb.reshape(b, hkv * groups, n, d)
+        mask = visible
+        if mask is not None and mask.dim() == 5:  # (b|1, Hkv|1, G|1, n, m) -> (b|1, Hq|1, n, m)
+            if mask.shape[1] == 1 and mask.shape[2] == 1:
+                mask = mask[:, :, 0]
+            else:
+                mask = mask.expand(mask.shape[0], hkv, groups, *mask.shape[3:]).reshape(mask.shape[0], -1,
+                                                                                        *mask.shape[3:])
+        out = F.scaled_dot_product_attention(q, kb[:, :, 0], vb[:, :, 0], attn_mask=mask, dropout_p=dropout,
+                                             scale=scaling, enable_gqa=groups > 1)
+        if mask is not None:  # rows with nothing visible are 0 (on every torch version)
+            out = out * mask.any(dim=-1, keepdim=True)
+        return out.reshape(b, hkv, groups, n, -1)
+
+    return sdpa_block
+
+
+def forward(query, key, value, vis, *, scaling, **kw):
+    return scored_attention(query, key, value, vis, normalize=normalize, options={}, scaling=scaling,
+                            fused=make_sdpa_block(scaling), **kw)
 
 
 KIND = registry.add(

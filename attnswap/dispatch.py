@@ -47,7 +47,8 @@ def run(kind: Kind, options: dict, query, key, value, vis: Visibility, *, scalin
             raise AttnSwapError("impl='triton' cannot be observed block by block; use impl='auto' or 'torch'")
         impl = "torch"
     base = registry.get(kind.alias_of) if kind.alias_of else kind  # aliases share their base's kernel
-    if impl == "triton" or (impl == "auto" and base.kernel is not None):
+    # "auto" takes a kernel for CUDA tensors only; "triton" also runs it on CPU tensors under TRITON_INTERPRET=1
+    if impl == "triton" or (impl == "auto" and base.kernel is not None and query.is_cuda):
         supported, why = _kernel_supports(base, query, key, value, vis, kw)
         if supported:
             out, weights = base.kernel(query, key, value, vis, **kw, **options)

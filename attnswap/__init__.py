@@ -5,6 +5,11 @@
 """
 
 from . import kinds  # noqa: F401  (registers the built-in kinds)
+
+try:
+    from . import kernels  # noqa: F401  (registers the Triton kernels when triton is importable)
+except ImportError:
+    pass
 from .api import (
     SwapHandle,
     attention,

@@ -1,0 +1,312 @@
+"""Forward Triton kernel of ``softmax`` attention (FlashAttention-2 style), returning ``(o, lse)``.
+
+One program per (block of BLOCK_M queries, batch row x query head). K/V are read through the GQA head map
+(kv head = h // (Hq // Hkv)), never repeated. Scores are accumulated in fp32 with an online softmax in the
+exp2 domain (log2(e) folded into the scale). The key loop of a query block runs over three ranges: a masked
+edge where the sliding window starts, an unmasked middle every query of the block sees, and a masked edge
+at the causal diagonal / the end of the keys; key blocks outside the causal/window band are never visited.
+A dense bool mask (any broadcast, stride 0 on broadcast dims) is applied in every visited block.
+
+Conventions the backward kernel (``flash_bwd.py``) relies on:
+  * ``lse`` (b, Hq, n) fp32 is the natural-log logsumexp of the visible scaled (softcapped) scores, plus the
+    sink logit when ``sinks`` is given.
+  * A row with no visible key gets ``o = 0`` exactly and ``lse = -inf`` (also when a sink is present: the
+    sink alone gives no output), never NaN.
+
+Short queries against long K/V are routed to the split-KV path in ``flash_decode.py`` (see
+``use_split_kv``).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+HEAD_DIMS = (32, 64, 80, 96, 128, 256)
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@triton.jit
+def _tanh(x):
+    # tanh(x) = 1 - 2 / (exp(2x) + 1): saturates cleanly to +-1 (exp2 overflow gives inf -> 1)
+    e = tl.exp2(x * 2.8853900817779268)
+    return 1.0 - 2.0 / (e + 1.0)
+
+
+@triton.jit
+def _attn_range(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+                q_pos, row_ok, mask_rows, stride_mm, lo, hi, key_end,
+                qk_scale, scale, softcap, offset, window,
+                EDGE: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                HAS_MASK: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+                HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, DOT_PREC: tl.constexpr,
+                DOT_F32: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Online-softmax update of (acc, l_i, m_i) over keys [lo, hi) in BLOCK_N steps (log2 domain)."""
+    offs_d = tl.arange(0, D_PAD)
+    d_ok = offs_d < HEAD_DIM
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < key_end
+        if EDGE:
+            kt = tl.load(k_base + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
+                         mask=n_ok[None, :] & d_ok[:, None], other=0.0)
+        elif D_PAD != HEAD_DIM:
+            kt = tl.load(k_base + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
+                         mask=d_ok[:, None], other=0.0)
+        else:
+            kt = tl.load(k_base + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd)
+        if DOT_F32:
+            kt = kt.to(tl.float32)
+        qk = tl.dot(q, kt, input_precision=DOT_PREC)
+        if HAS_SOFTCAP:
+            s = qk * scale
+            qk = (softcap * _tanh(s / softcap)) * 1.4426950408889634
+        else:
+            qk = qk * qk_scale
+        if EDGE or HAS_MASK:
+            vis = n_ok[None, :] & row_ok[:, None]
+            if EDGE and IS_CAUSAL:
+                vis = vis & (offs_n[None, :] <= q_pos[:, None] + offset)
+            if EDGE and HAS_WINDOW:
+                vis = vis & (offs_n[None, :] > q_pos[:, None] + offset - window)
+            if HAS_MASK:
+                mv = tl.load(mask_rows[:, None] + offs_n[None, :] * stride_mm,
+                             mask=n_ok[None, :] & row_ok[:, None], other=0)
+                vis = vis & (mv != 0)
+            qk = tl.where(vis, qk, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        else:
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            m_use = m_new
+        p = tl.exp2(qk - m_use[:, None])
+        alpha = tl.exp2(m_i - m_use)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        if EDGE:
+            v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+                        mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        elif D_PAD != HEAD_DIM:
+            v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+                        mask=d_ok[None, :], other=0.0)
+        else:
+            v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd)
+        if DOT_F32:
+            v = v.to(tl.float32)
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _finish(acc, l_i, m_i, sink_ptr, HAS_SINKS: tl.constexpr):
+    """Normalize: returns (o fp32, lse natural log); rows with nothing visible give o = 0, lse = -inf."""
+    has_any = m_i > float("-inf")
+    m_f = m_i
+    if HAS_SINKS:
+        s2 = tl.load(sink_ptr).to(tl.float32) * 1.4426950408889634
+        m_f = tl.maximum(m_i, s2)
+        alpha = tl.exp2(m_i - m_f)
+        l_i = l_i * alpha + tl.exp2(s2 - m_f)
+        acc = acc * alpha[:, None]
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+    o = acc / l_safe[:, None]
+    o = tl.where(has_any[:, None], o, 0.0)
+    lse = tl.where(has_any, (m_f + tl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
+    return o, lse
+
+
+@triton.jit(do_not_specialize=["N_Q", "N_K", "offset", "window"])
+def _fwd_kernel(Q, K, V, O, LSE, SINKS, MASK,
+                sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, son, sod,
+                smb, smkv, smg, smn, smm,
+                H_Q, GROUPS, N_Q, N_K, N_Q_KEY, N_K_KEY, qk_scale, scale, softcap, offset, window,
+                IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_MASK: tl.constexpr,
+                HAS_SOFTCAP: tl.constexpr, HAS_SINKS: tl.constexpr,
+                HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, DOT_PREC: tl.constexpr, DOT_F32: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    start_m = tl.program_id(0) * BLOCK_M
+    bh = tl.program_id(1)
+    b = (bh // H_Q).to(tl.int64)
+    h = bh % H_Q
+    hk = (h // GROUPS).to(tl.int64)
+    g = h % GROUPS
+    h64 = h.to(tl.int64)
+
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D_PAD)
+    row_ok = offs_m < N_Q
+    d_ok = offs_d < HEAD_DIM
+    q = tl.load(Q + b * sqb + h64 * sqh + offs_m[:, None] * sqn + offs_d[None, :] * sqd,
+                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    if DOT_F32:
+        q = q.to(tl.float32)
+    k_base = K + b * skb + hk * skh
+    v_base = V + b * svb + hk * svh
+    mask_rows = MASK + b * smb + hk * smkv + g.to(tl.int64) * smg + offs_m.to(tl.int64) * smn
+
+    # key range of the block (multiples of BLOCK_N are kept non-negative before dividing)
+    lo = 0
+    hi = N_K
+    full_lo = 0
+    full_hi = N_K
+    if IS_CAUSAL:
+        hi = tl.minimum(N_K, tl.maximum(start_m + BLOCK_M + offset, 0))
+        full_hi = tl.maximum(start_m + offset + 1, 0)
+    if HAS_WINDOW:
+        lo = tl.minimum(tl.maximum(start_m + offset - window + 1, 0), N_K)
+        full_lo = tl.maximum(start_m + BLOCK_M - 1 + offset - window + 1, 0)
+    hi = tl.maximum(hi, lo)
+    lo = (lo // BLOCK_N) * BLOCK_N
+    full_lo = tl.minimum(tl.maximum(((full_lo + BLOCK_N - 1) // BLOCK_N) * BLOCK_N, lo), hi)
+    full_hi = tl.minimum((full_hi // BLOCK_N) * BLOCK_N, (N_K // BLOCK_N) * BLOCK_N)
+    full_hi = tl.minimum(tl.maximum(full_hi, full_lo), hi)
+
+    acc = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    acc, l_i, m_i = _attn_range(acc, l_i, m_i, q, k_base, v_base, skn, skd, svn, svd, offs_m, row_ok, mask_rows,
+                                smm, lo, full_lo, N_K, qk_scale, scale, softcap, offset, window,
+                                True, IS_CAUSAL, HAS_WINDOW, HAS_MASK, HAS_SOFTCAP, HEAD_DIM, D_PAD, DOT_PREC,
+                                DOT_F32, BLOCK_N)
+    acc, l_i, m_i = _attn_range(acc, l_i, m_i, q, k_base, v_base, skn, skd, svn, svd, offs_m, row_ok, mask_rows,
+                                smm, full_lo, full_hi, N_K, qk_scale, scale, softcap, offset, window,
+                                False, IS_CAUSAL, HAS_WINDOW, HAS_MASK, HAS_SOFTCAP, HEAD_DIM, D_PAD, DOT_PREC,
+                                DOT_F32, BLOCK_N)
+    acc, l_i, m_i = _attn_range(acc, l_i, m_i, q, k_base, v_base, skn, skd, svn, svd, offs_m, row_ok, mask_rows,
+                                smm, full_hi, hi, N_K, qk_scale, scale, softcap, offset, window,
+                                True, IS_CAUSAL, HAS_WINDOW, HAS_MASK, HAS_SOFTCAP, HEAD_DIM, D_PAD, DOT_PREC,
+                                DOT_F32, BLOCK_N)
+    o, lse = _finish(acc, l_i, m_i, SINKS + h, HAS_SINKS)
+    tl.store(O + b * sob + h64 * soh + offs_m[:, None] * son + offs_d[None, :] * sod, o.to(O.dtype.element_ty),
+             mask=row_ok[:, None] & d_ok[None, :])
+    tl.store(LSE + bh.to(tl.int64) * N_Q + offs_m, lse, mask=row_ok)
+
+
+def _configs():
+    if interpreting():
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=1, num_stages=1)]
+    out = []
+    for bm, bn, w, s in [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (64, 64, 4, 2),
+                         (128, 32, 4, 2), (64, 32, 4, 2), (32, 32, 4, 2), (16, 32, 4, 2), (16, 16, 2, 1)]:
+        out.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s))
+    return out
+
+
+def _prune(configs, named_args, **kwargs):
+    n, m = named_args["N_Q"], named_args["N_K"]
+    d_pad = kwargs.get("D_PAD", named_args.get("D_PAD", 128))
+    fp32 = named_args["Q"].dtype == torch.float32
+    cap_m, cap_n = max(16, triton.next_power_of_2(n)), max(16, triton.next_power_of_2(m))
+    kept = []
+    for c in configs:
+        bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
+        if bm > cap_m or bn > cap_n:
+            continue
+        if d_pad >= 256 and (bn > 64 or bm * bn > 64 * 64 or c.num_stages > 2):
+            continue
+        if fp32 and (bm * bn > 64 * 64 or c.num_stages > 2):
+            continue
+        kept.append(c)
+    return kept or [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=2, num_stages=1)]
+
+
+# Tuned per (next_pow2(n), next_pow2(m), head dim, structure): a new length in the same bucket reuses the choice.
+_fwd_tuned = _fwd_kernel if interpreting() else triton.autotune(
+    configs=_configs(), key=["N_Q_KEY", "N_K_KEY", "HEAD_DIM", "IS_CAUSAL", "HAS_WINDOW", "HAS_MASK", "HAS_SOFTCAP"],
+    prune_configs_by={"early_config_prune": _prune})(_fwd_kernel)
+
+
+def mask_strides(mask: torch.Tensor | None, b: int, hq: int, hkv: int, n: int, m: int):
+    """A bool mask (b|1, Hq|1, n|1, m) or grouped (b|1, Hkv|1, G|1, n|1, m) -> (uint8 view, 5 strides)."""
+    if mask is None:
+        return None, (0, 0, 0, 0, 0)
+    if mask.dtype != torch.bool:
+        raise TypeError(f"the kernel takes a bool mask only, got {mask.dtype}")
+    groups = hq // hkv
+    if mask.dim() == 4:
+        mask = mask.expand(b, hq, n, m)
+        st = mask.stride()
+        strides = (st[0], st[1] * groups, st[1], st[2], st[3])
+    elif mask.dim() == 5:
+        mask = mask.expand(b, hkv, groups, n, m)
+        strides = tuple(mask.stride())
+    else:
+        raise ValueError(f"mask must be 4D or 5D, got shape {tuple(mask.shape)}")
+    strides = tuple(0 if s is None else s for s in strides)
+    return mask.view(torch.uint8), strides
+
+
+def dot_f32(dtype) -> bool:
+    """Upcast dot operands to fp32: only for bf16 in the interpreter (its bf16 tl.dot is wrong)."""
+    return interpreting() and dtype == torch.bfloat16
+
+
+def dot_prec(dtype) -> str:
+    return "ieee" if dtype == torch.float32 or dot_f32(dtype) else "tf32"
+
+
+def _common(q, k, v, sinks):
+    b, hq, n, d = q.shape
+    hkv, m = k.shape[1], k.shape[2]
+    if d not in HEAD_DIMS:
+        raise ValueError(f"head dim {d} is not one of {HEAD_DIMS}")
+    if hq % hkv:
+        raise ValueError(f"Hq={hq} is not a multiple of Hkv={hkv}")
+    if v.shape[-1] != d:
+        raise ValueError("the kernel needs value head dim == query head dim")
+    sinks_t = sinks.detach().float().contiguous() if sinks is not None else None
+    return b, hq, hkv, n, m, d, sinks_t
+
+
+def use_split_kv(n: int, m: int, groups: int = 1) -> bool:
+    """The routing rule: split-KV (flash-decoding) when n <= 16 queries, m >= 512 keys and the query rows
+    sharing a KV head fit one program (groups * n <= 128)."""
+    return n <= 16 and m >= 512 and groups * n <= 128
+
+
+def flash_forward(q, k, v, *, scaling, causal=False, offset=0, window=None, softcap=None, sinks=None, mask=None,
+                  split_kv: bool | None = None):
+    """Softmax attention forward: returns ``o`` (b, Hq, n, d) in q.dtype and ``lse`` (b, Hq, n) fp32.
+
+    Query i sees key j iff (not causal or j <= i + offset) and (window is None or j > i + offset - window) and
+    mask[b, h, i, j]. ``mask``: bool, broadcastable to (b, Hq, n, m) (or grouped (b|1, Hkv|1, G|1, n|1, m)).
+    ``sinks`` (Hq,) logits join the denominator. Rows with no visible key: o = 0, lse = -inf.
+    ``split_kv``: None = ``use_split_kv(n, m)``; True/False force the decode path on/off.
+    """
+    b, hq, hkv, n, m, d, sinks_t = _common(q, k, v, sinks)
+    if split_kv is None:
+        split_kv = use_split_kv(n, m, hq // hkv)
+    if split_kv:
+        from .flash_decode import flash_decode
+
+        return flash_decode(q, k, v, scaling=scaling, causal=causal, offset=offset, window=window,
+                            softcap=softcap, sinks=sinks, mask=mask)
+    o = torch.empty_like(q)
+    lse = torch.empty((b, hq, n), device=q.device, dtype=torch.float32)
+    if n == 0:
+        return o, lse
+    mask_t, ms = mask_strides(mask, b, hq, hkv, n, m)
+    d_pad = max(32, triton.next_power_of_2(d))
+    dummy = o
+    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), b * hq)  # noqa: E731
+    _fwd_tuned[grid](
+        q, k, v, o, lse, sinks_t if sinks_t is not None else dummy, mask_t if mask_t is not None else dummy,
+        *q.stride(), *k.stride(), *v.stride(), *o.stride(), *ms,
+        hq, hq // hkv, n, m, triton.next_power_of_2(n), triton.next_power_of_2(m), float(scaling) * LOG2E, float(scaling), float(softcap or 1.0), int(offset),
+        int(window or 0),
+        IS_CAUSAL=bool(causal), HAS_WINDOW=window is not None, HAS_MASK=mask_t is not None,
+        HAS_SOFTCAP=softcap is not None, HAS_SINKS=sinks_t is not None,
+        HEAD_DIM=d, D_PAD=d_pad, DOT_PREC=dot_prec(q.dtype), DOT_F32=dot_f32(q.dtype),
+        **({"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 1, "num_stages": 1} if interpreting() else {}),
+    )
+    return o, lse

@@ -1,0 +1,112 @@
+"""The Triton path of kind ``softmax``: ``kernel`` / ``supports`` for the registry, and the autograd Function.
+
+Forward is ``flash_fwd.flash_forward`` (which routes short queries to the split-KV path); backward is
+``flash_bwd.flash_backward`` when that module exists, else a recomputation through the PyTorch reference
+``attnswap.kinds.softmax.forward`` under autograd (exact, slower).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .flash_fwd import HEAD_DIMS, flash_forward
+
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def flat_mask(vis) -> torch.Tensor | None:
+    """``vis.mask`` (b|1, Hkv|1, G|1, n|1, m) bool -> (b|1, Hq|1, n|1, m) bool (a view when it can be)."""
+    mask = vis.mask
+    if mask is None:
+        return None
+    if mask.dim() == 4:
+        return mask
+    mb, mkv, mg, mn, mm = mask.shape
+    if mkv == 1 and mg == 1:
+        return mask[:, :, 0]
+    return mask.reshape(mb, mkv * mg, mn, mm)
+
+
+class _FlashSoftmax(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, sinks, mask, vis, scaling, softcap):
+        o, lse = flash_forward(q, k, v, scaling=scaling, causal=vis.causal, offset=vis.offset, window=vis.window,
+                               softcap=softcap, sinks=sinks, mask=mask)
+        ctx.save_for_backward(q, k, v, o, lse, sinks, mask)
+        ctx.vis, ctx.scaling, ctx.softcap = vis, scaling, softcap
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse, sinks, mask = ctx.saved_tensors
+        vis, scaling, softcap = ctx.vis, ctx.scaling, ctx.softcap
+        try:
+            from .flash_bwd import flash_backward
+        except ImportError:
+            flash_backward = None
+        if flash_backward is not None:
+            dq, dk, dv, dsinks = flash_backward(do, q, k, v, o, lse, scaling=scaling, causal=vis.causal,
+                                                offset=vis.offset, window=vis.window, softcap=softcap,
+                                                sinks=sinks, mask=mask)
+        else:  # recompute through the PyTorch reference
+            from ..kinds.softmax import forward as reference
+
+            with torch.enable_grad():
+                inputs = [t.detach().requires_grad_(True) for t in (q, k, v)]
+                s = sinks.detach().requires_grad_(True) if sinks is not None else None
+                out, _ = reference(*inputs, vis, scaling=scaling, softcap=softcap, sinks=s)
+                wrt = inputs + ([s] if s is not None else [])
+                grads = torch.autograd.grad(out.to(q.dtype), wrt, do, allow_unused=True)
+            dq, dk, dv = grads[:3]
+            dsinks = grads[3] if s is not None else None
+        if sinks is None or not ctx.needs_input_grad[3]:
+            dsinks = None
+        elif dsinks is not None:
+            dsinks = dsinks.to(sinks.dtype)
+        return dq, dk, dv, dsinks, None, None, None, None
+
+
+def kernel(query, key, value, vis, *, scaling, softcap=None, sinks=None, dropout=0.0, need_weights=False,
+           **options):
+    """Registry kernel of ``softmax``: ``(out (b,Hq,n,d) in query.dtype, None)``."""
+    if dropout or need_weights or vis.has_bias:
+        raise ValueError("the softmax kernel takes no dropout, weights or float bias (see supports())")
+    out = _FlashSoftmax.apply(query, key, value, sinks, flat_mask(vis), vis, float(scaling),
+                              None if softcap is None else float(softcap))
+    return out, None
+
+
+def supports(query, key, value, vis, *, scaling=None, softcap=None, sinks=None, dropout=0.0, need_weights=False,
+             **kw) -> tuple[bool, str]:
+    """Whether ``kernel`` can run these inputs, and why not."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False, "triton is not installed"
+    interp = os.environ.get("TRITON_INTERPRET", "0") == "1"
+    for t in (query, key, value):
+        if not (t.is_cuda or (t.device.type == "cpu" and interp)):
+            return False, "the Triton kernel needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1)"
+    if query.device != key.device or query.device != value.device:
+        return False, "query, key and value must be on one device"
+    if query.dtype not in DTYPES or key.dtype != query.dtype or value.dtype != query.dtype:
+        return False, (f"the Triton kernel takes fp16/bf16/fp32 query, key and value of one dtype, got "
+                       f"{query.dtype}, {key.dtype}, {value.dtype}")
+    d = query.shape[-1]
+    if d not in HEAD_DIMS:
+        return False, f"head dim {d} is not supported by the Triton kernel; valid head dims: {list(HEAD_DIMS)}"
+    if key.shape[-1] != d or value.shape[-1] != d:
+        return False, "the Triton kernel needs key and value head dims equal to the query's"
+    if query.shape[1] % key.shape[1]:
+        return False, "the number of query heads must be a multiple of the KV heads"
+    if dropout:
+        return False, "the Triton kernel has no dropout"
+    if need_weights:
+        return False, "the Triton kernel does not return attention weights"
+    if vis.has_bias:
+        return False, "the Triton kernel takes bool masks only, not float score biases"
+    if sinks is not None and sinks.device != query.device:
+        return False, "sinks must be on the query's device"
+    return True, ""

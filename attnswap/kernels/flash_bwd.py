@@ -1,0 +1,334 @@
+"""Backward Triton kernels of ``softmax`` attention (FlashAttention-2 style): ``flash_backward``.
+
+Three launches, no atomics (deterministic):
+  1. ``_bwd_delta``: delta_i = rowsum(do_i * o_i) in fp32 (= sum_j p_ij dp_ij over the real keys).
+  2. ``_bwd_dkdv``: one program per (block of keys, batch row x KV head). It loops over the query heads of the
+     GQA group and, for each, over the query blocks of the causal/window band, recomputing
+     p = exp2(s * log2e - lse * log2e) from the saved ``lse``; dk and dv accumulate in fp32 registers and are
+     stored once, already summed over the group.
+  3. ``_bwd_dq``: one program per (block of queries, batch row x query head), looping over the key blocks of
+     the band.
+Scores are recomputed exactly as the forward (``flash_fwd.py``) computes them: s = scaling * q.k, softcap
+c * tanh(s / c) when given, then visibility (causal with ``offset``, sliding ``window``, dense bool ``mask``
+with any broadcast). With softcap the chain rule multiplies ds by (1 - tanh^2). Rows the forward left
+empty (lse = -inf, o = 0) get p = 0, hence dq = 0 and no contribution to dk/dv. Sinks are extra logits in
+the denominator only: dsink_h = -sum_rows exp(sink_h - lse) * delta (computed in PyTorch, fp32).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@triton.jit
+def _tanh_bwd(x):
+    # tanh via exp2 (saturates to +-1 without NaN), as in the forward
+    e = tl.exp2(x * 2.8853900817779268)
+    return 1.0 - 2.0 / (e + 1.0)
+
+
+@triton.jit(do_not_specialize=["N_Q"])
+def _bwd_delta(O, DO, DELTA, sob, soh, son, sod, sdb, sdh, sdn, sdd, H_Q, N_Q,
+               HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr):
+    start_m = tl.program_id(0) * BLOCK_M
+    bh = tl.program_id(1)
+    b = (bh // H_Q).to(tl.int64)
+    h = (bh % H_Q).to(tl.int64)
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D_PAD)
+    ok = (offs_m < N_Q)[:, None] & (offs_d < HEAD_DIM)[None, :]
+    o = tl.load(O + b * sob + h * soh + offs_m[:, None] * son + offs_d[None, :] * sod, mask=ok, other=0.0)
+    do = tl.load(DO + b * sdb + h * sdh + offs_m[:, None] * sdn + offs_d[None, :] * sdd, mask=ok, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(DELTA + bh.to(tl.int64) * N_Q + offs_m, delta, mask=offs_m < N_Q)
+
+
+@triton.jit
+def _visible(offs_m, offs_n, N_Q, N_K, mask_base, smn, smm, offset, window,
+             IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_MASK: tl.constexpr):
+    """(BLOCK_M, BLOCK_N) bool: query offs_m sees key offs_n."""
+    row_ok = offs_m < N_Q
+    col_ok = offs_n < N_K
+    vis = row_ok[:, None] & col_ok[None, :]
+    if IS_CAUSAL:
+        vis = vis & (offs_n[None, :] <= offs_m[:, None] + offset)
+    if HAS_WINDOW:
+        vis = vis & (offs_n[None, :] > offs_m[:, None] + offset - window)
+    if HAS_MASK:
+        mv = tl.load(mask_base + offs_m.to(tl.int64)[:, None] * smn + offs_n.to(tl.int64)[None, :] * smm,
+                     mask=row_ok[:, None] & col_ok[None, :], other=0)
+        vis = vis & (mv != 0)
+    return vis
+
+
+@triton.jit(do_not_specialize=["N_Q", "N_K", "offset", "window"])
+def _bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, MASK,
+              sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdob, sdoh, sdon, sdod,
+              sdkb, sdkh, sdkn, sdkd, sdvb, sdvh, sdvn, sdvd, smb, smh, smn, smm,
+              H_Q, H_KV, GROUPS, N_Q, N_K, N_Q_KEY, N_K_KEY, scale, softcap, offset, window,
+              IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_MASK: tl.constexpr,
+              HAS_SOFTCAP: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
+              DOT_PREC: tl.constexpr, DOT_F32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    start_n = tl.program_id(0) * BLOCK_N
+    bhk = tl.program_id(1)
+    b = (bhk // H_KV).to(tl.int64)
+    hk = (bhk % H_KV).to(tl.int64)
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, D_PAD)
+    n_ok = offs_n < N_K
+    d_ok = offs_d < HEAD_DIM
+    kv_ok = n_ok[:, None] & d_ok[None, :]
+    k = tl.load(K + b * skb + hk * skh + offs_n[:, None] * skn + offs_d[None, :] * skd, mask=kv_ok, other=0.0)
+    v = tl.load(V + b * svb + hk * svh + offs_n[:, None] * svn + offs_d[None, :] * svd, mask=kv_ok, other=0.0)
+    if DOT_F32:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    dk = tl.zeros([BLOCK_N, D_PAD], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, D_PAD], dtype=tl.float32)
+
+    # queries that may see some key of [start_n, start_n + BLOCK_N)
+    q_lo = 0
+    q_hi = N_Q
+    if IS_CAUSAL:  # j <= i + offset  ->  i >= j - offset
+        q_lo = tl.minimum(tl.maximum(start_n - offset, 0), N_Q)
+    if HAS_WINDOW:  # j > i + offset - window  ->  i < j - offset + window
+        q_hi = tl.minimum(tl.maximum(start_n + BLOCK_N - 1 - offset + window, 0), N_Q)
+    q_hi = tl.maximum(q_hi, q_lo)
+    q_lo = (q_lo // BLOCK_M) * BLOCK_M
+
+    for g in range(0, GROUPS):
+        h = hk * GROUPS + g
+        q_base = Q + b * sqb + h * sqh
+        do_base = DO + b * sdob + h * sdoh
+        row_base = (b * H_Q + h) * N_Q
+        mask_base = MASK + b * smb + h * smh
+        for start_m in range(q_lo, q_hi, BLOCK_M):
+            offs_m = start_m + tl.arange(0, BLOCK_M)
+            m_ok = offs_m < N_Q
+            # transposed tiles (D_PAD, BLOCK_M): the block's math runs as (keys x queries)
+            qt = tl.load(q_base + offs_m[None, :] * sqn + offs_d[:, None] * sqd,
+                         mask=m_ok[None, :] & d_ok[:, None], other=0.0)
+            do = tl.load(do_base + offs_m[:, None] * sdon + offs_d[None, :] * sdod,
+                         mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+            if DOT_F32:
+                qt = qt.to(tl.float32)
+                do = do.to(tl.float32)
+            lse = tl.load(LSE + row_base + offs_m, mask=m_ok, other=float("inf"))
+            lse = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
+            delta = tl.load(DELTA + row_base + offs_m, mask=m_ok, other=0.0)
+            st = tl.dot(k, qt, input_precision=DOT_PREC) * scale  # (BLOCK_N, BLOCK_M) raw scaled scores
+            if HAS_SOFTCAP:
+                t = _tanh_bwd(st / softcap)
+                st = softcap * t
+            vis = tl.trans(_visible(offs_m, offs_n, N_Q, N_K, mask_base, smn, smm, offset, window,
+                                    IS_CAUSAL, HAS_WINDOW, HAS_MASK))
+            pt = tl.where(vis, tl.exp2(st * 1.4426950408889634 - lse[None, :]), 0.0)
+            dv = tl.dot(pt.to(do.dtype), do, dv, input_precision=DOT_PREC)
+            dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
+            dst = pt * (dpt - delta[None, :])
+            if HAS_SOFTCAP:
+                dst = dst * (1.0 - t * t)
+            dk = tl.dot(dst.to(qt.dtype), tl.trans(qt), dk, input_precision=DOT_PREC)
+    dk = dk * scale
+    tl.store(DK + b * sdkb + hk * sdkh + offs_n[:, None] * sdkn + offs_d[None, :] * sdkd,
+             dk.to(DK.dtype.element_ty), mask=kv_ok)
+    tl.store(DV + b * sdvb + hk * sdvh + offs_n[:, None] * sdvn + offs_d[None, :] * sdvd,
+             dv.to(DV.dtype.element_ty), mask=kv_ok)
+
+
+@triton.jit(do_not_specialize=["N_Q", "N_K", "offset", "window"])
+def _bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, MASK,
+            sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdob, sdoh, sdon, sdod,
+            sdqb, sdqh, sdqn, sdqd, smb, smh, smn, smm,
+            H_Q, GROUPS, N_Q, N_K, N_Q_KEY, N_K_KEY, scale, softcap, offset, window,
+            IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_MASK: tl.constexpr,
+            HAS_SOFTCAP: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
+            DOT_PREC: tl.constexpr, DOT_F32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    start_m = tl.program_id(0) * BLOCK_M
+    bh = tl.program_id(1)
+    b = (bh // H_Q).to(tl.int64)
+    h = (bh % H_Q).to(tl.int64)
+    hk = h // GROUPS
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D_PAD)
+    m_ok = offs_m < N_Q
+    d_ok = offs_d < HEAD_DIM
+    row_ok = m_ok[:, None] & d_ok[None, :]
+    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :] * sqd, mask=row_ok, other=0.0)
+    do = tl.load(DO + b * sdob + h * sdoh + offs_m[:, None] * sdon + offs_d[None, :] * sdod, mask=row_ok,
+                 other=0.0)
+    if DOT_F32:
+        q = q.to(tl.float32)
+        do = do.to(tl.float32)
+    row_base = bh.to(tl.int64) * N_Q
+    lse = tl.load(LSE + row_base + offs_m, mask=m_ok, other=float("inf"))
+    lse = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
+    delta = tl.load(DELTA + row_base + offs_m, mask=m_ok, other=0.0)
+    k_base = K + b * skb + hk * skh
+    v_base = V + b * svb + hk * svh
+    mask_base = MASK + b * smb + h * smh
+    dq = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
+
+    # keys that some query of [start_m, start_m + BLOCK_M) may see
+    lo = 0
+    hi = N_K
+    if IS_CAUSAL:
+        hi = tl.minimum(tl.maximum(start_m + BLOCK_M + offset, 0), N_K)
+    if HAS_WINDOW:
+        lo = tl.minimum(tl.maximum(start_m + offset - window + 1, 0), N_K)
+    hi = tl.maximum(hi, lo)
+    lo = (lo // BLOCK_N) * BLOCK_N
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        kv_ok = (offs_n < N_K)[None, :] & d_ok[:, None]
+        kt = tl.load(k_base + offs_n[None, :] * skn + offs_d[:, None] * skd, mask=kv_ok, other=0.0)
+        vt = tl.load(v_base + offs_n[None, :] * svn + offs_d[:, None] * svd, mask=kv_ok, other=0.0)
+        if DOT_F32:
+            kt = kt.to(tl.float32)
+            vt = vt.to(tl.float32)
+        s = tl.dot(q, kt, input_precision=DOT_PREC) * scale
+        if HAS_SOFTCAP:
+            t = _tanh_bwd(s / softcap)
+            s = softcap * t
+        vis = _visible(offs_m, offs_n, N_Q, N_K, mask_base, smn, smm, offset, window,
+                       IS_CAUSAL, HAS_WINDOW, HAS_MASK)
+        p = tl.where(vis, tl.exp2(s * 1.4426950408889634 - lse[:, None]), 0.0)
+        dp = tl.dot(do, vt, input_precision=DOT_PREC)
+        ds = p * (dp - delta[:, None])
+        if HAS_SOFTCAP:
+            ds = ds * (1.0 - t * t)
+        dq = tl.dot(ds.to(kt.dtype), tl.trans(kt), dq, input_precision=DOT_PREC)
+    dq = dq * scale
+    tl.store(DQ + b * sdqb + h * sdqh + offs_m[:, None] * sdqn + offs_d[None, :] * sdqd,
+             dq.to(DQ.dtype.element_ty), mask=row_ok)
+
+
+def _configs(kind):
+    if _interpreting():
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=1, num_stages=1)]
+    if kind == "dkdv":  # many keys per program (dk, dv live in registers), few queries per step
+        shapes = [(32, 128, 8, 3), (64, 128, 8, 3), (32, 64, 4, 3), (64, 64, 4, 3), (32, 64, 4, 2),
+                  (16, 64, 4, 2), (16, 32, 4, 2), (16, 16, 2, 1)]
+    else:  # many queries per program (dq in registers), few keys per step
+        shapes = [(128, 32, 8, 3), (128, 64, 8, 3), (64, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 2),
+                  (64, 16, 4, 2), (32, 16, 4, 2), (16, 16, 2, 1)]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in shapes]
+
+
+def _prune(configs, named_args, **kwargs):
+    n, m = named_args["N_Q"], named_args["N_K"]
+    d_pad = kwargs.get("D_PAD", named_args.get("D_PAD", 128))
+    fp32 = named_args["Q"].dtype == torch.float32
+    cap_m, cap_n = max(16, triton.next_power_of_2(n)), max(16, triton.next_power_of_2(m))
+    kept = []
+    for c in configs:
+        bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
+        if bm > cap_m or bn > cap_n:
+            continue
+        big = bm * bn > 32 * 64
+        if (d_pad >= 256 or fp32) and (big or c.num_stages > 2):
+            continue
+        kept.append(c)
+    return kept or [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=2, num_stages=1)]
+
+
+_KEY = ["N_Q_KEY", "N_K_KEY", "HEAD_DIM", "GROUPS", "IS_CAUSAL", "HAS_WINDOW", "HAS_MASK", "HAS_SOFTCAP"]
+if _interpreting():
+    _dkdv_tuned, _dq_tuned = _bwd_dkdv, _bwd_dq
+else:
+    _dkdv_tuned = triton.autotune(configs=_configs("dkdv"), key=_KEY,
+                                  prune_configs_by={"early_config_prune": _prune})(_bwd_dkdv)
+    _dq_tuned = triton.autotune(configs=_configs("dq"), key=_KEY,
+                                prune_configs_by={"early_config_prune": _prune})(_bwd_dq)
+
+
+def _mask_view(mask, b, hq, hkv, n, m):
+    """bool mask broadcastable to (b, Hq, n, m) (or grouped (b|1, Hkv|1, G|1, n|1, m)) -> (uint8, 4 strides)."""
+    if mask is None:
+        return None, (0, 0, 0, 0)
+    if mask.dtype != torch.bool:
+        raise TypeError(f"flash_backward takes a bool mask only, got {mask.dtype}")
+    if mask.dim() == 5:  # (b|1, Hkv|1, G|1, n|1, m) -> (b|1, Hq|1, n|1, m)
+        mb, mkv, mg, mn, mm = mask.shape
+        if mkv == 1 and mg == 1:
+            mask = mask[:, :, 0]
+        else:
+            mask = mask.expand(mb, hkv, hq // hkv, mn, mm).reshape(mb, hq, mn, mm)
+    if mask.dim() != 4:
+        raise ValueError(f"mask must be 4D (b|1, Hq|1, n|1, m), got shape {tuple(mask.shape)}")
+    mask = mask.expand(b, hq, n, m)
+    return mask.view(torch.uint8), tuple(mask.stride())
+
+
+def _dot_f32(dtype) -> bool:
+    """Upcast dot operands to fp32: only for bf16 in the interpreter (its bf16 tl.dot is not exact)."""
+    return _interpreting() and dtype == torch.bfloat16
+
+
+def _dot_prec(dtype) -> str:
+    return "ieee" if dtype == torch.float32 or _dot_f32(dtype) else "tf32"
+
+
+def flash_backward(do, q, k, v, o, lse, *, scaling, causal=False, offset=0, window=None, softcap=None,
+                   sinks=None, mask=None):
+    """Gradients of softmax attention: returns ``(dq, dk, dv, dsinks)``.
+
+    ``q, do, o`` (b, Hq, n, d); ``k, v`` (b, Hkv, m, d) (kv head = h // (Hq // Hkv)); ``lse`` (b, Hq, n) fp32,
+    the natural-log logsumexp the forward saved (sink included; -inf on rows with nothing visible). dq, dk, dv
+    come back in the input dtype (dk, dv summed over the query heads of each KV head); ``dsinks`` is fp32
+    (Hq,) or None without ``sinks``. Visibility, softcap and sinks as in ``flash_fwd.flash_forward``.
+    """
+    b, hq, n, d = q.shape
+    hkv, m = k.shape[1], k.shape[2]
+    if hq % hkv:
+        raise ValueError(f"Hq={hq} is not a multiple of Hkv={hkv}")
+    if k.shape[-1] != d or v.shape[-1] != d:
+        raise ValueError("flash_backward needs key/value head dim == query head dim")
+    groups = hq // hkv
+    dq = torch.empty_like(q)
+    dk = torch.empty_like(k)
+    dv = torch.empty_like(v)
+    lse = lse.detach().float().contiguous()
+    delta = torch.empty((b, hq, n), device=q.device, dtype=torch.float32)
+    dsinks = None
+    if n == 0 or m == 0 or b == 0:
+        dq.zero_(), dk.zero_(), dv.zero_()
+        if sinks is not None:
+            dsinks = torch.zeros(hq, device=q.device, dtype=torch.float32)
+        return dq, dk, dv, dsinks
+    do = do.to(q.dtype)
+    d_pad = max(16, triton.next_power_of_2(d))
+    _bwd_delta[(triton.cdiv(n, 32), b * hq)](o, do, delta, *o.stride(), *do.stride(), hq, n,
+                                             HEAD_DIM=d, D_PAD=d_pad, BLOCK_M=32)
+    mask_t, ms = _mask_view(mask, b, hq, hkv, n, m)
+    mask_arg = mask_t if mask_t is not None else delta
+    common = dict(IS_CAUSAL=bool(causal), HAS_WINDOW=window is not None, HAS_MASK=mask_t is not None,
+                  HAS_SOFTCAP=softcap is not None, HEAD_DIM=d, D_PAD=d_pad, DOT_PREC=_dot_prec(q.dtype),
+                  DOT_F32=_dot_f32(q.dtype))
+    if _interpreting():
+        common.update(BLOCK_M=16, BLOCK_N=16, num_warps=1, num_stages=1)
+    scalars = (n, m, triton.next_power_of_2(n), triton.next_power_of_2(m), float(scaling),
+               float(softcap or 1.0), int(offset), int(window or 0))
+    _dkdv_tuned[lambda meta: (triton.cdiv(m, meta["BLOCK_N"]), b * hkv)](
+        q, k, v, do, lse, delta, dk, dv, mask_arg,
+        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(), *ms,
+        hq, hkv, groups, *scalars, **common)
+    _dq_tuned[lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), b * hq)](
+        q, k, v, do, lse, delta, dq, mask_arg,
+        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(), *ms,
+        hq, groups, *scalars, **common)
+    if sinks is not None:
+        finite = torch.isfinite(lse)
+        p_sink = torch.exp(torch.where(finite, sinks.detach().float()[None, :, None] - lse, float("-inf")))
+        dsinks = -(p_sink * delta).sum(dim=(0, 2))
+    return dq, dk, dv, dsinks

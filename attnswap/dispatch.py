@@ -16,6 +16,7 @@ from .registry import Kind
 
 IMPLS = ("auto", "torch", "triton")
 _warned: set = set()
+_broken: set = set()  # kinds whose kernel failed on this machine
 
 
 def warn_once(key, message: str) -> None:
@@ -50,9 +51,20 @@ def run(kind: Kind, options: dict, query, key, value, vis: Visibility, *, scalin
     # "auto" takes a kernel for CUDA tensors only; "triton" also runs it on CPU tensors under TRITON_INTERPRET=1
     if impl == "triton" or (impl == "auto" and base.kernel is not None and query.is_cuda):
         supported, why = _kernel_supports(base, query, key, value, vis, kw)
+        if supported and impl != "triton" and base.name in _broken:
+            supported, why = False, "its Triton kernel failed earlier in this process"
         if supported:
-            out, weights = base.kernel(query, key, value, vis, **kw, **options)
-            return out.to(query.dtype), (weights.to(query.dtype) if weights is not None else None)
+            try:
+                out, weights = base.kernel(query, key, value, vis, **kw, **options)
+                return out.to(query.dtype), (weights.to(query.dtype) if weights is not None else None)
+            except torch.cuda.OutOfMemoryError:
+                raise
+            except Exception as err:  # a kernel that fails to build or launch here: the reference from now on
+                if impl == "triton":
+                    raise
+                _broken.add(base.name)
+                why = f"its Triton kernel failed ({type(err).__name__}: {err})"
+                supported = False
         if impl == "triton":
             raise AttnSwapError(f"impl='triton' cannot run kind {kind.name!r} here: {why}")
         if query.is_cuda:

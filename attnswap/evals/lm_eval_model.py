@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import re
 import sys
 from typing import Any
 

@@ -17,17 +17,14 @@ the denominator only: dsink_h = -sum_rows exp(sink_h - lse) * delta (computed in
 
 from __future__ import annotations
 
-import os
 
 import torch
 import triton
 import triton.language as tl
 
+from .tuning import configs, interpreting, pruner
+
 LOG2E = 1.4426950408889634
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 @triton.jit
@@ -213,42 +210,22 @@ def _bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, MASK,
              dq.to(DQ.dtype.element_ty), mask=row_ok)
 
 
-def _configs(kind):
-    if _interpreting():
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=1, num_stages=1)]
-    if kind == "dkdv":  # many keys per program (dk, dv live in registers), few queries per step
-        shapes = [(32, 128, 8, 3), (64, 128, 8, 3), (32, 64, 4, 3), (64, 64, 4, 3), (32, 64, 4, 2),
-                  (16, 64, 4, 2), (16, 32, 4, 2), (16, 16, 2, 1)]
-    else:  # many queries per program (dq in registers), few keys per step
-        shapes = [(128, 32, 8, 3), (128, 64, 8, 3), (64, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 2),
-                  (64, 16, 4, 2), (32, 16, 4, 2), (16, 16, 2, 1)]
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in shapes]
-
-
-def _prune(configs, named_args, **kwargs):
-    n, m = named_args["N_Q"], named_args["N_K"]
-    d_pad = kwargs.get("D_PAD", named_args.get("D_PAD", 128))
-    fp32 = named_args["Q"].dtype == torch.float32
-    cap_m, cap_n = max(16, triton.next_power_of_2(n)), max(16, triton.next_power_of_2(m))
-    kept = []
-    for c in configs:
-        bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
-        if bm > cap_m or bn > cap_n:
-            continue
-        big = bm * bn > 32 * 64
-        if (d_pad >= 256 or fp32) and (big or c.num_stages > 2):
-            continue
-        kept.append(c)
-    return kept or [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=2, num_stages=1)]
+# dk/dv: many keys per program (dk, dv live in registers), few queries per step; dq: the other way round
+_DKDV_CONFIGS = configs([(32, 128, 8, 3), (64, 128, 8, 3), (32, 64, 4, 3), (64, 64, 4, 3), (32, 64, 4, 2),
+                         (16, 64, 4, 2), (16, 32, 4, 2), (16, 16, 2, 1)])
+_DQ_CONFIGS = configs([(128, 32, 8, 3), (128, 64, 8, 3), (64, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 2),
+                       (64, 16, 4, 2), (32, 16, 4, 2), (16, 16, 2, 1)])
+# wide heads and fp32 keep to tiles of at most 32 x 64 and two stages
+_prune = pruner(lambda bm, bn, stages: bm * bn > 32 * 64 or stages > 2)
 
 
 _KEY = ["N_Q_KEY", "N_K_KEY", "HEAD_DIM", "GROUPS", "IS_CAUSAL", "HAS_WINDOW", "HAS_MASK", "HAS_SOFTCAP"]
-if _interpreting():
+if interpreting():
     _dkdv_tuned, _dq_tuned = _bwd_dkdv, _bwd_dq
 else:
-    _dkdv_tuned = triton.autotune(configs=_configs("dkdv"), key=_KEY,
+    _dkdv_tuned = triton.autotune(configs=_DKDV_CONFIGS, key=_KEY,
                                   prune_configs_by={"early_config_prune": _prune})(_bwd_dkdv)
-    _dq_tuned = triton.autotune(configs=_configs("dq"), key=_KEY,
+    _dq_tuned = triton.autotune(configs=_DQ_CONFIGS, key=_KEY,
                                 prune_configs_by={"early_config_prune": _prune})(_bwd_dq)
 
 
@@ -272,7 +249,7 @@ def _mask_view(mask, b, hq, hkv, n, m):
 
 def _dot_f32(dtype) -> bool:
     """Upcast dot operands to fp32: only for bf16 in the interpreter (its bf16 tl.dot is not exact)."""
-    return _interpreting() and dtype == torch.bfloat16
+    return interpreting() and dtype == torch.bfloat16
 
 
 def _dot_prec(dtype) -> str:
@@ -315,7 +292,7 @@ def flash_backward(do, q, k, v, o, lse, *, scaling, causal=False, offset=0, wind
     common = dict(IS_CAUSAL=bool(causal), HAS_WINDOW=window is not None, HAS_MASK=mask_t is not None,
                   HAS_SOFTCAP=softcap is not None, HEAD_DIM=d, D_PAD=d_pad, DOT_PREC=_dot_prec(q.dtype),
                   DOT_F32=_dot_f32(q.dtype))
-    if _interpreting():
+    if interpreting():
         common.update(BLOCK_M=16, BLOCK_N=16, num_warps=1, num_stages=1)
     scalars = (n, m, triton.next_power_of_2(n), triton.next_power_of_2(m), float(scaling),
                float(softcap or 1.0), int(offset), int(window or 0))

@@ -19,20 +19,16 @@ Short queries against long K/V are routed to the split-KV path in ``flash_decode
 
 from __future__ import annotations
 
-import math
-import os
 
 import torch
 import triton
 import triton.language as tl
 
+from .tuning import configs, interpreting, pruner
+
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 HEAD_DIMS = (32, 64, 80, 96, 128, 256)
-
-
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 @triton.jit
@@ -192,37 +188,15 @@ def _fwd_kernel(Q, K, V, O, LSE, SINKS, MASK,
     tl.store(LSE + bh.to(tl.int64) * N_Q + offs_m, lse, mask=row_ok)
 
 
-def _configs():
-    if interpreting():
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=1, num_stages=1)]
-    out = []
-    for bm, bn, w, s in [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (64, 64, 4, 2),
-                         (128, 32, 4, 2), (64, 32, 4, 2), (32, 32, 4, 2), (16, 32, 4, 2), (16, 16, 2, 1)]:
-        out.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s))
-    return out
-
-
-def _prune(configs, named_args, **kwargs):
-    n, m = named_args["N_Q"], named_args["N_K"]
-    d_pad = kwargs.get("D_PAD", named_args.get("D_PAD", 128))
-    fp32 = named_args["Q"].dtype == torch.float32
-    cap_m, cap_n = max(16, triton.next_power_of_2(n)), max(16, triton.next_power_of_2(m))
-    kept = []
-    for c in configs:
-        bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
-        if bm > cap_m or bn > cap_n:
-            continue
-        if d_pad >= 256 and (bn > 64 or bm * bn > 64 * 64 or c.num_stages > 2):
-            continue
-        if fp32 and (bm * bn > 64 * 64 or c.num_stages > 2):
-            continue
-        kept.append(c)
-    return kept or [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=2, num_stages=1)]
+_CONFIGS = configs([(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (64, 64, 4, 2),
+                    (128, 32, 4, 2), (64, 32, 4, 2), (32, 32, 4, 2), (16, 32, 4, 2), (16, 16, 2, 1)])
+# wide heads and fp32 keep to tiles of at most 64 x 64 and two stages (shared memory)
+_prune = pruner(lambda bm, bn, stages: bn > 64 or bm * bn > 64 * 64 or stages > 2)
 
 
 # Tuned per (next_pow2(n), next_pow2(m), head dim, structure): a new length in the same bucket reuses the choice.
 _fwd_tuned = _fwd_kernel if interpreting() else triton.autotune(
-    configs=_configs(), key=["N_Q_KEY", "N_K_KEY", "HEAD_DIM", "IS_CAUSAL", "HAS_WINDOW", "HAS_MASK", "HAS_SOFTCAP"],
+    configs=_CONFIGS, key=["N_Q_KEY", "N_K_KEY", "HEAD_DIM", "IS_CAUSAL", "HAS_WINDOW", "HAS_MASK", "HAS_SOFTCAP"],
     prune_configs_by={"early_config_prune": _prune})(_fwd_kernel)
 
 

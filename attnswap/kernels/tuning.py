@@ -1,0 +1,39 @@
+"""Shared by the kernels: interpreter detection, autotune configs, and pruning configs to the shape."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+
+# the one config the Triton interpreter (CPU tests) uses
+INTERPRETER_BLOCKS = {"BLOCK_M": 16, "BLOCK_N": 16}
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def configs(shapes) -> list:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) tuples -> autotune configs (one small one in the interpreter)."""
+    if interpreting():
+        return [triton.Config(dict(INTERPRETER_BLOCKS), num_warps=1, num_stages=1)]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in shapes]
+
+
+def pruner(heavy):
+    """An ``early_config_prune`` that drops tiles larger than the sequence lengths (rounded up to a power of two)
+    and, for wide heads (padded head dim >= 256) or fp32 inputs, the configs ``heavy(bm, bn, stages)`` flags."""
+
+    def prune(configs, named_args, **kwargs):
+        n, m = named_args["N_Q"], named_args["N_K"]
+        d_pad = kwargs.get("D_PAD", named_args.get("D_PAD", 128))
+        tight = d_pad >= 256 or named_args["Q"].dtype == torch.float32
+        cap_m, cap_n = max(16, triton.next_power_of_2(n)), max(16, triton.next_power_of_2(m))
+        kept = [c for c in configs
+                if c.kwargs["BLOCK_M"] <= cap_m and c.kwargs["BLOCK_N"] <= cap_n
+                and not (tight and heavy(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_stages))]
+        return kept or [triton.Config(dict(INTERPRETER_BLOCKS), num_warps=2, num_stages=1)]
+
+    return prune

@@ -6,23 +6,17 @@ dv and dsinks. Without CUDA the kernels run in the Triton interpreter on small s
 run larger shapes.
 """
 
-import os
-
 import pytest
 import torch
 
-CUDA = torch.cuda.is_available()
-if not CUDA:
-    os.environ["TRITON_INTERPRET"] = "1"  # before triton / attnswap.kernels are imported
-
 pytest.importorskip("triton")
+
+from kernel_env import CUDA, DEV, S  # noqa: E402  (the interpreter is chosen in conftest.py)
 
 from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
 
 from attnswap.kernels.flash_bwd import flash_backward  # noqa: E402
 
-DEV = "cuda" if CUDA else "cpu"
-S = 4 if CUDA else 1  # sequence-length multiplier on a GPU
 TOL = {torch.float32: 1e-4, torch.float16: 3e-2, torch.bfloat16: 3e-2}
 
 

@@ -4,16 +4,12 @@ PyTorch reference: ``attnswap.attention(..., impl="triton")`` vs ``impl="torch"`
 same tests run larger shapes.
 """
 
-import os
-
 import pytest
 import torch
 
-CUDA = torch.cuda.is_available()
-if not CUDA:
-    os.environ["TRITON_INTERPRET"] = "1"  # before triton / attnswap.kernels are imported
-
 pytest.importorskip("triton")
+
+from kernel_env import CUDA, DEV, S  # noqa: E402  (the interpreter is chosen in conftest.py)
 
 import attnswap  # noqa: E402
 import attnswap.kernels  # noqa: E402,F401  (registers the kernel)
@@ -22,8 +18,6 @@ from attnswap.kernels.flash_fwd import flash_forward, use_split_kv  # noqa: E402
 
 from hypothesis import given, settings, strategies as st  # noqa: E402
 
-DEV = "cuda" if CUDA else "cpu"
-S = 4 if CUDA else 1  # sequence-length multiplier on a GPU
 TOL = {torch.float32: 1e-5, torch.float16: 2e-2, torch.bfloat16: 2e-2}
 
 

@@ -1,20 +1,35 @@
-"""Triton kernels of attnswap, one module per family, registered on their kinds when Triton is importable.
+"""Triton kernels of attnswap, one module per kind, registered on their kinds when Triton is importable.
 
-``softmax``: ``flash_fwd`` (forward, returns o and lse), ``flash_decode`` (split-KV for short queries),
-``flash_bwd`` (backward), ``softmax`` (the registry kernel, autograd and ``supports``). If Triton is missing,
-nothing is registered and every kind runs its PyTorch reference.
+Shared pieces: ``tiles`` (score and visibility tiles, key/query bands, mask views), ``tuning`` (interpreter
+detection, autotune configs). ``softmax``: ``flash_fwd`` (forward, o and lse), ``flash_decode`` (split-KV for
+short queries), ``flash_bwd`` (backward). Each kind module (``softmax``, ``entmax``, ``topk``, ``linear``,
+``taylor``) exposes ``kernel`` (the registry kernel) and ``supports`` (whether it can run given inputs, and
+why not). If Triton is missing, nothing is registered and every kind runs its PyTorch reference.
 """
+
+import importlib
+import importlib.util
 
 try:
     import triton  # noqa: F401
 except ImportError:  # no Triton: register nothing
     triton = None
 
-if triton is not None:
-    from .. import registry
-    from ..kinds import softmax as _softmax_kind  # noqa: F401  (the kind must exist first)
-    from .softmax import kernel as _softmax_kernel, supports as _softmax_supports
+KERNEL_MODULES = ("softmax", "entmax", "topk", "linear", "taylor")
 
-    _kind = registry.get("softmax")
-    _kind.kernel = _softmax_kernel
-    _kind.kernel_supports = _softmax_supports
+
+def _register() -> None:
+    from .. import registry
+    from .. import kinds  # noqa: F401  (the kinds must exist first)  # pyflakes: used for its side effect
+
+    for name in KERNEL_MODULES:
+        if importlib.util.find_spec(f"{__name__}.{name}") is None:
+            continue
+        module = importlib.import_module(f"{__name__}.{name}")
+        kind = registry.get(name)
+        kind.kernel = module.kernel
+        kind.kernel_supports = module.supports
+
+
+if triton is not None:
+    _register()

@@ -22,16 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .tiles import dot_f32, dot_prec, key_band, mask_view, query_band, tanh, visible
 from .tuning import configs, interpreting, pruner
-
-LOG2E = 1.4426950408889634
-
-
-@triton.jit
-def _tanh_bwd(x):
-    # tanh via exp2 (saturates to +-1 without NaN), as in the forward
-    e = tl.exp2(x * 2.8853900817779268)
-    return 1.0 - 2.0 / (e + 1.0)
 
 
 @triton.jit(do_not_specialize=["N_Q"])
@@ -48,24 +40,6 @@ def _bwd_delta(O, DO, DELTA, sob, soh, son, sod, sdb, sdh, sdn, sdd, H_Q, N_Q,
     do = tl.load(DO + b * sdb + h * sdh + offs_m[:, None] * sdn + offs_d[None, :] * sdd, mask=ok, other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     tl.store(DELTA + bh.to(tl.int64) * N_Q + offs_m, delta, mask=offs_m < N_Q)
-
-
-@triton.jit
-def _visible(offs_m, offs_n, N_Q, N_K, mask_base, smn, smm, offset, window,
-             IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_MASK: tl.constexpr):
-    """(BLOCK_M, BLOCK_N) bool: query offs_m sees key offs_n."""
-    row_ok = offs_m < N_Q
-    col_ok = offs_n < N_K
-    vis = row_ok[:, None] & col_ok[None, :]
-    if IS_CAUSAL:
-        vis = vis & (offs_n[None, :] <= offs_m[:, None] + offset)
-    if HAS_WINDOW:
-        vis = vis & (offs_n[None, :] > offs_m[:, None] + offset - window)
-    if HAS_MASK:
-        mv = tl.load(mask_base + offs_m.to(tl.int64)[:, None] * smn + offs_n.to(tl.int64)[None, :] * smm,
-                     mask=row_ok[:, None] & col_ok[None, :], other=0)
-        vis = vis & (mv != 0)
-    return vis
 
 
 @triton.jit(do_not_specialize=["N_Q", "N_K", "offset", "window"])
@@ -94,14 +68,7 @@ def _bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, MASK,
     dv = tl.zeros([BLOCK_N, D_PAD], dtype=tl.float32)
 
     # queries that may see some key of [start_n, start_n + BLOCK_N)
-    q_lo = 0
-    q_hi = N_Q
-    if IS_CAUSAL:  # j <= i + offset  ->  i >= j - offset
-        q_lo = tl.minimum(tl.maximum(start_n - offset, 0), N_Q)
-    if HAS_WINDOW:  # j > i + offset - window  ->  i < j - offset + window
-        q_hi = tl.minimum(tl.maximum(start_n + BLOCK_N - 1 - offset + window, 0), N_Q)
-    q_hi = tl.maximum(q_hi, q_lo)
-    q_lo = (q_lo // BLOCK_M) * BLOCK_M
+    q_lo, q_hi = query_band(start_n, N_Q, offset, window, IS_CAUSAL, HAS_WINDOW, BLOCK_M, BLOCK_N)
 
     for g in range(0, GROUPS):
         h = hk * GROUPS + g
@@ -125,9 +92,9 @@ def _bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, MASK,
             delta = tl.load(DELTA + row_base + offs_m, mask=m_ok, other=0.0)
             st = tl.dot(k, qt, input_precision=DOT_PREC) * scale  # (BLOCK_N, BLOCK_M) raw scaled scores
             if HAS_SOFTCAP:
-                t = _tanh_bwd(st / softcap)
+                t = tanh(st / softcap)
                 st = softcap * t
-            vis = tl.trans(_visible(offs_m, offs_n, N_Q, N_K, mask_base, smn, smm, offset, window,
+            vis = tl.trans(visible(offs_m, offs_n, N_Q, N_K, mask_base, smn, smm, offset, window,
                                     IS_CAUSAL, HAS_WINDOW, HAS_MASK))
             pt = tl.where(vis, tl.exp2(st * 1.4426950408889634 - lse[None, :]), 0.0)
             dv = tl.dot(pt.to(do.dtype), do, dv, input_precision=DOT_PREC)
@@ -177,14 +144,7 @@ def _bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, MASK,
     dq = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
 
     # keys that some query of [start_m, start_m + BLOCK_M) may see
-    lo = 0
-    hi = N_K
-    if IS_CAUSAL:
-        hi = tl.minimum(tl.maximum(start_m + BLOCK_M + offset, 0), N_K)
-    if HAS_WINDOW:
-        lo = tl.minimum(tl.maximum(start_m + offset - window + 1, 0), N_K)
-    hi = tl.maximum(hi, lo)
-    lo = (lo // BLOCK_N) * BLOCK_N
+    lo, hi = key_band(start_m, N_K, offset, window, IS_CAUSAL, HAS_WINDOW, BLOCK_M, BLOCK_N)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         kv_ok = (offs_n < N_K)[None, :] & d_ok[:, None]
@@ -195,9 +155,9 @@ def _bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, MASK,
             vt = vt.to(tl.float32)
         s = tl.dot(q, kt, input_precision=DOT_PREC) * scale
         if HAS_SOFTCAP:
-            t = _tanh_bwd(s / softcap)
+            t = tanh(s / softcap)
             s = softcap * t
-        vis = _visible(offs_m, offs_n, N_Q, N_K, mask_base, smn, smm, offset, window,
+        vis = visible(offs_m, offs_n, N_Q, N_K, mask_base, smn, smm, offset, window,
                        IS_CAUSAL, HAS_WINDOW, HAS_MASK)
         p = tl.where(vis, tl.exp2(s * 1.4426950408889634 - lse[:, None]), 0.0)
         dp = tl.dot(do, vt, input_precision=DOT_PREC)
@@ -227,33 +187,6 @@ else:
                                   prune_configs_by={"early_config_prune": _prune})(_bwd_dkdv)
     _dq_tuned = triton.autotune(configs=_DQ_CONFIGS, key=_KEY,
                                 prune_configs_by={"early_config_prune": _prune})(_bwd_dq)
-
-
-def _mask_view(mask, b, hq, hkv, n, m):
-    """bool mask broadcastable to (b, Hq, n, m) (or grouped (b|1, Hkv|1, G|1, n|1, m)) -> (uint8, 4 strides)."""
-    if mask is None:
-        return None, (0, 0, 0, 0)
-    if mask.dtype != torch.bool:
-        raise TypeError(f"flash_backward takes a bool mask only, got {mask.dtype}")
-    if mask.dim() == 5:  # (b|1, Hkv|1, G|1, n|1, m) -> (b|1, Hq|1, n|1, m)
-        mb, mkv, mg, mn, mm = mask.shape
-        if mkv == 1 and mg == 1:
-            mask = mask[:, :, 0]
-        else:
-            mask = mask.expand(mb, hkv, hq // hkv, mn, mm).reshape(mb, hq, mn, mm)
-    if mask.dim() != 4:
-        raise ValueError(f"mask must be 4D (b|1, Hq|1, n|1, m), got shape {tuple(mask.shape)}")
-    mask = mask.expand(b, hq, n, m)
-    return mask.view(torch.uint8), tuple(mask.stride())
-
-
-def _dot_f32(dtype) -> bool:
-    """Upcast dot operands to fp32: only for bf16 in the interpreter (its bf16 tl.dot is not exact)."""
-    return interpreting() and dtype == torch.bfloat16
-
-
-def _dot_prec(dtype) -> str:
-    return "ieee" if dtype == torch.float32 or _dot_f32(dtype) else "tf32"
 
 
 def flash_backward(do, q, k, v, o, lse, *, scaling, causal=False, offset=0, window=None, softcap=None,
@@ -287,11 +220,11 @@ def flash_backward(do, q, k, v, o, lse, *, scaling, causal=False, offset=0, wind
     d_pad = max(16, triton.next_power_of_2(d))
     _bwd_delta[(triton.cdiv(n, 32), b * hq)](o, do, delta, *o.stride(), *do.stride(), hq, n,
                                              HEAD_DIM=d, D_PAD=d_pad, BLOCK_M=32)
-    mask_t, ms = _mask_view(mask, b, hq, hkv, n, m)
+    mask_t, ms = mask_view(mask, b, hq, hkv, n, m)
     mask_arg = mask_t if mask_t is not None else delta
     common = dict(IS_CAUSAL=bool(causal), HAS_WINDOW=window is not None, HAS_MASK=mask_t is not None,
-                  HAS_SOFTCAP=softcap is not None, HEAD_DIM=d, D_PAD=d_pad, DOT_PREC=_dot_prec(q.dtype),
-                  DOT_F32=_dot_f32(q.dtype))
+                  HAS_SOFTCAP=softcap is not None, HEAD_DIM=d, D_PAD=d_pad, DOT_PREC=dot_prec(q.dtype),
+                  DOT_F32=dot_f32(q.dtype))
     if interpreting():
         common.update(BLOCK_M=16, BLOCK_N=16, num_warps=1, num_stages=1)
     scalars = (n, m, triton.next_power_of_2(n), triton.next_power_of_2(m), float(scaling),

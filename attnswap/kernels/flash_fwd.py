@@ -24,18 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .tiles import HEAD_DIMS, LOG2E, check_shapes, dot_f32, dot_prec, mask_strides, tanh  # noqa: F401  (re-exported)
 from .tuning import configs, interpreting, pruner
-
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
-HEAD_DIMS = (32, 64, 80, 96, 128, 256)
-
-
-@triton.jit
-def _tanh(x):
-    # tanh(x) = 1 - 2 / (exp(2x) + 1): saturates cleanly to +-1 (exp2 overflow gives inf -> 1)
-    e = tl.exp2(x * 2.8853900817779268)
-    return 1.0 - 2.0 / (e + 1.0)
 
 
 @triton.jit
@@ -65,7 +55,7 @@ def _attn_range(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_v
         qk = tl.dot(q, kt, input_precision=DOT_PREC)
         if HAS_SOFTCAP:
             s = qk * scale
-            qk = (softcap * _tanh(s / softcap)) * 1.4426950408889634
+            qk = (softcap * tanh(s / softcap)) * 1.4426950408889634
         else:
             qk = qk * qk_scale
         if EDGE or HAS_MASK:
@@ -200,44 +190,8 @@ _fwd_tuned = _fwd_kernel if interpreting() else triton.autotune(
     prune_configs_by={"early_config_prune": _prune})(_fwd_kernel)
 
 
-def mask_strides(mask: torch.Tensor | None, b: int, hq: int, hkv: int, n: int, m: int):
-    """A bool mask (b|1, Hq|1, n|1, m) or grouped (b|1, Hkv|1, G|1, n|1, m) -> (uint8 view, 5 strides)."""
-    if mask is None:
-        return None, (0, 0, 0, 0, 0)
-    if mask.dtype != torch.bool:
-        raise TypeError(f"the kernel takes a bool mask only, got {mask.dtype}")
-    groups = hq // hkv
-    if mask.dim() == 4:
-        mask = mask.expand(b, hq, n, m)
-        st = mask.stride()
-        strides = (st[0], st[1] * groups, st[1], st[2], st[3])
-    elif mask.dim() == 5:
-        mask = mask.expand(b, hkv, groups, n, m)
-        strides = tuple(mask.stride())
-    else:
-        raise ValueError(f"mask must be 4D or 5D, got shape {tuple(mask.shape)}")
-    strides = tuple(0 if s is None else s for s in strides)
-    return mask.view(torch.uint8), strides
-
-
-def dot_f32(dtype) -> bool:
-    """Upcast dot operands to fp32: only for bf16 in the interpreter (its bf16 tl.dot is wrong)."""
-    return interpreting() and dtype == torch.bfloat16
-
-
-def dot_prec(dtype) -> str:
-    return "ieee" if dtype == torch.float32 or dot_f32(dtype) else "tf32"
-
-
 def _common(q, k, v, sinks):
-    b, hq, n, d = q.shape
-    hkv, m = k.shape[1], k.shape[2]
-    if d not in HEAD_DIMS:
-        raise ValueError(f"head dim {d} is not one of {HEAD_DIMS}")
-    if hq % hkv:
-        raise ValueError(f"Hq={hq} is not a multiple of Hkv={hkv}")
-    if v.shape[-1] != d:
-        raise ValueError("the kernel needs value head dim == query head dim")
+    b, hq, hkv, n, m, d = check_shapes(q, k, v)
     sinks_t = sinks.detach().float().contiguous() if sinks is not None else None
     return b, hq, hkv, n, m, d, sinks_t
 

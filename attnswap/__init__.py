@@ -21,12 +21,14 @@ from .api import (
 )
 from .errors import AttnSwapError, UnsupportedModelError
 from .patches.interface import register_all as _register_all
+from .patches.state_cache import StateCache
 
 _register_all()
 
 __version__ = "0.1.0"
 __all__ = [
     "AttnSwapError",
+    "StateCache",
     "SwapHandle",
     "UnsupportedModelError",
     "attention",

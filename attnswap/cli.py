@@ -17,7 +17,7 @@ ENTROPY_COLUMNS = [("attention", "attention", None), ("entropy", "entropy (nats)
                    ("sparsity", "zero frac.", ".3f")]
 LATENCY_COLUMNS = [("attention", "attention", None), ("batch", "batch", None), ("context", "context", None),
                    ("prefill_ms", "prefill ms", ".1f"), ("decode_tok_s", "decode tok/s", ".1f"),
-                   ("peak_mem_mb", "peak MB", ".0f")]
+                   ("peak_mem_mb", "peak MB", ".0f"), ("cache_mb", "cache MB", ".1f")]
 
 
 def _main_process() -> bool:

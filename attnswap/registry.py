@@ -61,6 +61,9 @@ class Kind:
     fixed: dict = field(default_factory=dict)  # options an alias pins (sparsemax: alpha=2)
     alias_of: str | None = None
     builtin: bool = False
+    # feature-map kinds: (scaling, options) -> (phi, eps, sink_weight | None), so that decoding can keep the running
+    # state sum_j phi(k_j) v_j^T instead of K/V (attnswap.StateCache)
+    state_features: Callable | None = None
 
     def defaults(self) -> dict:
         return {o.name: o.default for o in self.options if o.name not in self.fixed}

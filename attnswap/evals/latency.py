@@ -10,6 +10,9 @@ Times are medians over the timed rounds, with the spread (max − min) and the m
 they come from CUDA events with a synchronize; elsewhere from ``time.perf_counter`` (after a synchronize on
 devices that have one).
 
+The cache is the one ``generate`` would build: a ``StateCache`` (constant-size running state) on models swapped to
+``linear`` or ``taylor``, else a ``DynamicCache``; ``cache_mb`` is what it holds at the end of decoding.
+
 Peak memory (``peak_mem_mb``) covers the warm-up and timed rounds of the configuration:
 - CUDA: growth of ``torch.cuda.max_memory_allocated`` over the memory allocated before the configuration
   (peak statistics reset first), so the model's weights are not counted;
@@ -34,6 +37,7 @@ from collections.abc import Callable, Iterable
 import torch
 
 from ..errors import AttnSwapError
+from ..patches.state_cache import cache_argument, cache_nbytes, new_cache
 
 __all__ = ["measure_latency"]
 
@@ -107,7 +111,8 @@ def measure_latency(model, *, context_lengths: Iterable[int] = (512, 1024, 2048)
 
 
 _METRIC_KEYS = ("prefill_ms", "prefill_ms_spread", "prefill_ms_min", "prefill_ms_max", "decode_tok_s",
-                "decode_tok_s_spread", "decode_tok_s_min", "decode_tok_s_max", "decode_ms_per_step", "peak_mem_mb")
+                "decode_tok_s_spread", "decode_tok_s_min", "decode_tok_s_max", "decode_ms_per_step", "peak_mem_mb",
+                "cache_mb")
 
 
 def _measure_one(model, batch, context, new_tokens, warmup, repeats, vocab_size, device, extra, seed) -> dict:
@@ -118,12 +123,13 @@ def _measure_one(model, batch, context, new_tokens, warmup, repeats, vocab_size,
     prefill_ms, decode_ms = [], []
     with torch.inference_mode():
         for round_ in range(warmup + repeats):
-            p_ms, d_ms = _one_round(model, ids, new_tokens, device, extra)
+            p_ms, d_ms, cache_bytes = _one_round(model, ids, new_tokens, device, extra)
             if round_ >= warmup:
                 prefill_ms.append(p_ms)
                 decode_ms.append(d_ms)
     peak_mb = mem.growth_mb()
-    out = {**_summary("prefill_ms", prefill_ms), "peak_mem_mb": peak_mb, "peak_mem_method": mem.method}
+    out = {**_summary("prefill_ms", prefill_ms), "peak_mem_mb": peak_mb, "peak_mem_method": mem.method,
+           "cache_mb": cache_bytes / 2**20}
     if new_tokens:
         tok_s = [batch * new_tokens / (ms / 1e3) if ms > 0 else math.inf for ms in decode_ms]
         out.update(_summary("decode_tok_s", tok_s))
@@ -133,25 +139,25 @@ def _measure_one(model, batch, context, new_tokens, warmup, repeats, vocab_size,
     return out
 
 
-def _one_round(model, ids, new_tokens, device, extra) -> tuple[float, float]:
+def _one_round(model, ids, new_tokens, device, extra) -> tuple[float, float, int]:
+    """Prefill then greedy decode with the cache generate would use (a StateCache for linear/taylor swaps).
+    Returns (prefill ms, decode ms, bytes the cache holds at the end)."""
+    cache = new_cache(model)
+    with_cache = {cache_argument(model): cache}
     timer = _Timer(device)
     timer.start()
-    out = model(input_ids=ids, use_cache=True, **extra)
+    out = model(input_ids=ids, use_cache=True, **with_cache, **extra)
     prefill_ms = timer.stop()
-    past = out.past_key_values
-    if new_tokens and past is None:
-        raise AttnSwapError("the model returned no cache (past_key_values) with use_cache=True")
     token = out.logits[:, -1].argmax(-1, keepdim=True)
     del out
     decode_ms = 0.0
     if new_tokens:
         timer.start()
         for _ in range(new_tokens):
-            out = model(input_ids=token, past_key_values=past, use_cache=True, **extra)
-            past = out.past_key_values
+            out = model(input_ids=token, use_cache=True, **with_cache, **extra)
             token = out.logits[:, -1].argmax(-1, keepdim=True)
         decode_ms = timer.stop()
-    return prefill_ms, decode_ms
+    return prefill_ms, decode_ms, cache_nbytes(cache)
 
 
 def _summary(name, values) -> dict:

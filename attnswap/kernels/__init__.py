@@ -26,9 +26,9 @@ def _register() -> None:
         if importlib.util.find_spec(f"{__name__}.{name}") is None:
             continue
         module = importlib.import_module(f"{__name__}.{name}")
-        kind = registry.get(name)
-        kind.kernel = module.kernel
-        kind.kernel_supports = module.supports
+        if hasattr(module, "kernel") and hasattr(module, "supports"):
+            kind = registry.get(name)
+            kind.kernel, kind.kernel_supports = module.kernel, module.supports
 
 
 if triton is not None:

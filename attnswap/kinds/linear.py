@@ -35,6 +35,11 @@ def make_normalize(eps: float):
     return normalize
 
 
+def state_features(scaling: float, options: dict):
+    """For the recurrent-state cache: (feature map, eps, weight of a sink logit: none, linear has no scores)."""
+    return feature_map, options["eps"], None
+
+
 def forward(query, key, value, vis, *, eps, form, scaling=None, softcap=None, sinks=None, dropout=0.0,
             need_weights=False, observe=None):
     if vis.has_bias:
@@ -61,5 +66,6 @@ KIND = registry.add(
         math="p_ij = phi(q_i).phi(k_j) / (sum_{j in A_i} phi(q_i).phi(k_j) + eps), phi(x) = elu(x) + 1",
         uses_scores=False,
         builtin=True,
+        state_features=state_features,
     )
 )

@@ -30,13 +30,28 @@ def normalize(s: torch.Tensor, visible: torch.Tensor | None) -> torch.Tensor:
 
 
 def make_feature_map(scaling: float):
+    """phi(x) = [1, x sqrt(scaling), x_a x_b w_ab for a <= b] with w_aa = scaling / sqrt(2), w_ab = scaling (a < b):
+    the symmetric form of vec(x x^T) scaling / sqrt(2), 1 + d + d(d+1)/2 features, phi(q).phi(k) = 1 + s + s^2/2."""
     root, half = math.sqrt(scaling), scaling / math.sqrt(2.0)
+    pairs: dict = {}
 
     def feature_map(x: torch.Tensor) -> torch.Tensor:
-        outer = (x.unsqueeze(-1) * x.unsqueeze(-2)).flatten(-2) * half
+        d = x.shape[-1]
+        key = (d, x.device)
+        if key not in pairs:
+            rows, cols = torch.triu_indices(d, d, device=x.device)
+            weight = torch.where(rows == cols, half, float(scaling)).to(torch.float32)
+            pairs[key] = rows, cols, weight
+        rows, cols, weight = pairs[key]
+        outer = x[..., rows] * x[..., cols] * weight.to(x.dtype)
         return torch.cat([torch.ones_like(x[..., :1]), x * root, outer], dim=-1)
 
     return feature_map
+
+
+def state_features(scaling: float, options: dict):
+    """For the recurrent-state cache: (feature map, eps, weight of a sink logit in the denominator)."""
+    return make_feature_map(scaling), 0.0, taylor_weight
 
 
 def forward(query, key, value, vis, *, form, scaling, softcap=None, sinks=None, dropout=0.0, need_weights=False,
@@ -60,5 +75,6 @@ KIND = registry.add(
         doc="Based-style 2nd-order Taylor attention; linear time on long inputs (1 + d + d^2 features).",
         math="p_ij = (1 + s_ij + s_ij^2/2) / sum_{j in A_i} (1 + s_ij + s_ij^2/2)",
         builtin=True,
+        state_features=state_features,
     )
 )

@@ -9,6 +9,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from .. import registry
 from ..dispatch import run
 from .masks import model_visibility
+from .state_cache import claim, state_attention
 
 PREFIX = "attnswap_"
 
@@ -50,13 +51,18 @@ def make_attention_function(kind_name: str):
         is_causal = kwargs.get("is_causal")
         if is_causal is None:
             is_causal = getattr(module, "is_causal", True)
+        common = dict(scaling=query.shape[-1] ** -0.5 if scaling is None else scaling, softcap=kwargs.get("softcap"),
+                      sinks=kwargs.get("s_aux"), need_weights=wants_weights(module, kwargs))
+        layer = claim(key)  # a StateCache layer that keeps a running state instead of K/V
+        if layer is not None:
+            out = state_attention(
+                layer, spec, query, key, value, attention_mask, is_causal=is_causal, **common,
+                run_attention=lambda vis: run(spec.kind, spec.options, query, key, value, vis, **common,
+                                              dropout=dropout or 0.0, impl=spec.impl, module=module)[0])
+            return out.to(query.dtype).transpose(1, 2).contiguous(), None
         vis = model_visibility(attention_mask, query, key, is_causal=is_causal, native=spec.native)
-        out, weights = run(
-            spec.kind, spec.options, query, key, value, vis,
-            scaling=query.shape[-1] ** -0.5 if scaling is None else scaling,
-            softcap=kwargs.get("softcap"), sinks=kwargs.get("s_aux"), dropout=dropout or 0.0,
-            need_weights=wants_weights(module, kwargs), impl=spec.impl, module=module,
-        )
+        out, weights = run(spec.kind, spec.options, query, key, value, vis, **common, dropout=dropout or 0.0,
+                           impl=spec.impl, module=module)
         return out.transpose(1, 2).contiguous(), weights
 
     attnswap_attention_forward.__name__ = f"attnswap_{kind_name}_attention_forward"

@@ -21,7 +21,7 @@ from .. import registry
 from ..dispatch import IMPLS
 from ..errors import AttnSwapError, UnsupportedModelError
 from ..registry import Kind
-from . import legacy
+from . import legacy, state_cache
 from .interface import implementation_name
 
 
@@ -98,6 +98,7 @@ class SwapHandle:
         self.model, self.kind, self.options, self.layers, self.impl = model, kind, options, layers, impl
         self._targets = [targets[i] for i in layers]
         self._entries = []  # (module, route, saved) while active
+        self._generation_cache = None  # what install_generation_cache saved
         self.active = False
 
     @property
@@ -118,6 +119,8 @@ class SwapHandle:
                 legacy.apply(module, saved, fn)
             module._attnswap_spec = Spec(kind=self.kind, options=self.options, native=native, impl=self.impl)
             self._entries.append((module, route, saved))
+        if self.kind.state_features is not None:  # generate() keeps a running state instead of K/V
+            self._generation_cache = state_cache.install_generation_cache(self.model)
         self.active = True
         self.model._attnswap_handle = self
 
@@ -131,6 +134,8 @@ class SwapHandle:
                 legacy.remove(module, saved)
             module.__dict__.pop("_attnswap_spec", None)
         self._entries = []
+        state_cache.remove_generation_cache(self.model, self._generation_cache)
+        self._generation_cache = None
         self.active = False
         if getattr(self.model, "_attnswap_handle", None) is self:
             del self.model._attnswap_handle

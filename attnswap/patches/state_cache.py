@@ -1,0 +1,357 @@
+"""Constant-memory decoding for the feature-map kinds (``linear``, ``taylor``): a transformers ``Cache`` whose
+swapped layers keep the running state ``S = sum_j phi(k_j) v_j^T`` and ``z = sum_j phi(k_j)`` (fp32, per KV head)
+instead of K/V.
+
+How it fits transformers: the model calls ``cache.update(k, v, layer_idx)`` and then its attention function with
+what ``update`` returned. A ``StateLayer`` returns the new keys/values unchanged and marks itself pending; the
+attnswap attention function claims it (``claim``: the same key tensor), computes the new queries' output from the
+state plus the new keys (``state_attention``), then folds the new keys into the state. ``get_mask_sizes`` reports
+the real length (past + new), so a mask shared with ordinary KV layers of the same model stays right; the past
+columns of that mask must show exactly the keys the state holds (padding excluded), anything else cannot be
+honored by a state and is an error.
+
+Layers left on softmax (``layers=``), sliding-window layers (their KV cache is bounded already) and kinds without
+a state keep the layer transformers would give them. ``generate`` on a model swapped to a feature-map kind builds
+a ``StateCache`` by itself unless a cache is passed (see ``install_generation_cache``).
+"""
+
+from __future__ import annotations
+
+from contextvars import ContextVar
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache, DynamicLayer
+
+from ..errors import AttnSwapError
+from .masks import model_visibility
+
+_PENDING: ContextVar = ContextVar("attnswap_state_layer", default=None)
+KEY_CHUNK = 2048  # keys folded into the state per step (bounds phi(k) to KEY_CHUNK x features)
+QUERY_CHUNK = 256  # new queries per step when several new tokens meet a non-empty state
+
+
+class StateLayer(CacheLayerMixin):
+    """One layer's running state: ``state`` (b, Hkv, F, dv), ``norm`` (b, Hkv, F) fp32, ``valid`` (b,) int64 (how many
+    past tokens of each row entered the state: padding does not) and ``seen`` (past length, padding included)."""
+
+    is_sliding = False
+    is_compileable = False
+    is_croppable = False
+
+    def __init__(self, layer_idx: int, owner: "StateCache"):
+        super().__init__()
+        self.layer_idx, self.owner = layer_idx, owner
+        self.state = self.norm = self.valid = None
+        self.seen = 0
+        self._pending = None
+
+    def lazy_initialization(self, key_states, value_states) -> None:
+        self.device = key_states.device
+        self.is_initialized = True
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        self.owner.check_active()
+        if self._pending is not None:
+            raise AttnSwapError(
+                f"StateCache layer {self.layer_idx}: the previous step's keys never reached an attnswap feature-map "
+                "attention (was the swap restored or changed?); build a new cache for the current swap"
+            )
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self._pending = key_states
+        _PENDING.set(self)
+        return key_states, value_states
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.seen + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.seen
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self.state = self.norm = self.valid = None
+        self.seen = 0
+        self._pending = None
+
+    def _batch_map(self, fn) -> None:
+        if self.state is not None:
+            self.state, self.norm = fn(self.state), fn(self.norm)
+        if self.valid is not None:
+            self.valid = fn(self.valid)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._batch_map(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._batch_map(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._batch_map(lambda t: t[indices])
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise AttnSwapError("a StateCache cannot be cropped (a running state cannot forget its last tokens); "
+                            "use a DynamicCache for assisted or speculative decoding")
+
+    def offload(self):
+        self._batch_map(lambda t: t.to("cpu", non_blocking=True))
+
+    def prefetch(self):
+        if self.state is not None and self.state.device != self.device:
+            self._batch_map(lambda t: t.to(self.device, non_blocking=True))
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.state, self.norm, self.valid) if t is not None)
+
+
+class StateCache(Cache):
+    """A transformers ``Cache`` for a model swapped to a feature-map kind: constant-size state on those layers.
+
+    ``model.generate(...)`` builds one by itself; pass ``StateCache(model)`` explicitly (as ``cache=`` or
+    ``past_key_values=``, whichever your transformers takes) to reuse it across calls. It belongs to the swap
+    active when it was built: using it after that swap was restored or replaced is an error.
+    """
+
+    def __init__(self, model):
+        from .swap import current_swap
+
+        handle = current_swap(model)
+        if handle is None:
+            raise AttnSwapError("StateCache needs a model swapped to a feature-map kind (linear, taylor); this model "
+                                "is not swapped")
+        config = model.config.get_text_config(decoder=True) if hasattr(model, "config") else None
+        base = DynamicCache(config=config) if config is not None else None
+        layers = list(base.layers) if base is not None and base.layers else []
+        self.handle = handle
+        state_layers = []
+        for _, module, route in handle._targets:
+            idx = getattr(module, "layer_idx", None)
+            if handle.kind.state_features is None or route != "interface" or idx is None:
+                continue
+            if idx >= len(layers) or type(layers[idx]) is not DynamicLayer:
+                continue  # sliding windows, shared or special layers keep what transformers gives them
+            layers[idx] = StateLayer(idx, self)
+            state_layers.append(idx)
+        if not state_layers:
+            raise AttnSwapError(
+                f"StateCache: no layer of this model keeps a recurrent state under kind {handle.kind.name!r} "
+                "(only linear and taylor have one, on full-attention layers that route through AttentionInterface)"
+            )
+        self.state_layers = state_layers
+        super().__init__(layers=layers)
+
+    def check_active(self) -> None:
+        if not self.handle.active:
+            raise AttnSwapError("this StateCache was built for a swap that is no longer active; build a new one")
+
+    def nbytes(self) -> int:
+        """Bytes held: the states (and padding flags) of state layers plus the K/V of the other layers."""
+        total = 0
+        for layer in self.layers:
+            if isinstance(layer, StateLayer):
+                total += layer.nbytes()
+            else:
+                total += sum(t.numel() * t.element_size() for t in (getattr(layer, "keys", None),
+                                                                     getattr(layer, "values", None))
+                             if isinstance(t, torch.Tensor))
+        return total
+
+
+def claim(key: torch.Tensor) -> StateLayer | None:
+    """The state layer whose ``update`` just returned ``key``, if any (consumed by this call)."""
+    layer = _PENDING.get()
+    if layer is None or layer._pending is not key:
+        return None
+    _PENDING.set(None)
+    layer._pending = None
+    return layer
+
+
+def _bool_mask(mask: torch.Tensor) -> torch.Tensor:
+    if mask.dtype == torch.bool:
+        return mask
+    visible = mask > torch.finfo(mask.dtype).min / 2
+    if bool((visible & (mask != 0)).any()):
+        raise AttnSwapError("a StateCache cannot honor an additive score bias in the attention mask")
+    return visible
+
+
+def _split_mask(attention_mask, layer: StateLayer, b: int, q: int):
+    """-> (mask over the new keys (b|1, 1|H, q|1, q) bool or None, (b, q) bool of new keys that are real)."""
+    past = layer.seen
+    if attention_mask is None:
+        return None, None
+    if not isinstance(attention_mask, torch.Tensor):
+        raise AttnSwapError(f"a StateCache cannot honor an attention mask of type {type(attention_mask).__name__}")
+    mask = _bool_mask(attention_mask)
+    if mask.dim() == 2:  # key padding (b, past + q)
+        mask = mask[:, None, None, :]
+    if mask.dim() != 4 or mask.shape[-1] not in (q, past + q):
+        raise AttnSwapError(f"StateCache layer {layer.layer_idx}: an attention mask of shape "
+                            f"{tuple(attention_mask.shape)} does not fit {past} past + {q} new keys")
+    new = mask[..., -q:]
+    if mask.shape[-1] == past + q and past:
+        old = mask[..., :past]
+        rows = new.any(-1) | old.any(-1)  # query rows that see something (padded queries see nothing)
+        shown = old.sum(-1)  # past keys each query sees
+        expected = layer.valid[:, None, None] if layer.valid is not None else torch.full_like(shown, past)
+        if bool(((shown != expected) & rows).any()):
+            raise AttnSwapError(
+                f"StateCache layer {layer.layer_idx}: the mask hides past keys from some queries, which a running "
+                "state cannot honor (it only knows how many past tokens of each row were real); use a DynamicCache"
+            )
+    real = new.expand(b, -1, -1, -1).any(dim=1).any(dim=1)  # (b, q): some query sees it
+    return new, real
+
+
+def state_attention(layer: StateLayer, spec, query, key, value, attention_mask, *, scaling, is_causal, softcap=None,
+                    sinks=None, need_weights=False, run_attention=None):
+    """Output (b, Hq, q, dv) of the new queries against the state plus the new keys; then fold the new keys in."""
+    kind = spec.kind
+    if kind.state_features is None:
+        raise AttnSwapError(f"StateCache layer {layer.layer_idx} runs kind {kind.name!r}, which has no recurrent "
+                            "state; use a DynamicCache")
+    if softcap is not None:
+        raise AttnSwapError(f"kind {kind.name!r} with the model's softcap has no recurrent form; use a DynamicCache")
+    if need_weights:
+        raise AttnSwapError("a StateCache returns no attention weights; use a DynamicCache with output_attentions")
+    b, hq, q, _ = query.shape
+    hkv, dv = key.shape[1], value.shape[-1]
+    groups = hq // hkv
+    phi, eps, sink_weight = kind.state_features(scaling, spec.options)
+    new_mask, real = _split_mask(attention_mask, layer, b, q)
+    if layer.state is None and layer.seen == 0:
+        # first call (prefill): ordinary attention over the new tokens (Triton kernel on GPU), then the state
+        vis_mask = attention_mask if attention_mask is None or attention_mask.shape[-1] == q else new_mask
+        vis = model_visibility(vis_mask, query, key, is_causal=is_causal, native=spec.native)
+        out = run_attention(vis)
+    else:
+        out = _with_state(layer, phi, eps, sink_weight, sinks, query, key, value, new_mask, is_causal, groups)
+    _fold(layer, phi, key, value, real)
+    return out
+
+
+def _with_state(layer, phi, eps, sink_weight, sinks, query, key, value, new_mask, is_causal, groups):
+    b, hq, q, d = query.shape
+    hkv, dv = key.shape[1], value.shape[-1]
+    qg = query.float().reshape(b, hkv, groups, q, d)
+    fk = phi(key.float())  # (b, Hkv, q, F): q is small here (decode steps, chunked prefill)
+    vf = value.float()
+    if new_mask is None and is_causal and q > 1:
+        pos = torch.arange(q, device=query.device)
+        new_mask = (pos[None, :] <= pos[:, None])[None, None]
+    grouped = None
+    if new_mask is not None:
+        mb, mh = new_mask.shape[:2]
+        grouped = new_mask[:, :, None] if mh == 1 else new_mask.reshape(mb, hkv, groups, *new_mask.shape[2:])
+    outs = []
+    for q0 in range(0, q, QUERY_CHUNK):
+        q1 = min(q, q0 + QUERY_CHUNK)
+        fq = phi(qg[..., q0:q1, :])  # (b, Hkv, G, c, F)
+        num = torch.matmul(fq, layer.state[:, :, None]) if layer.state is not None else 0.0
+        den = (fq * layer.norm[:, :, None, None, :]).sum(-1) if layer.state is not None else 0.0
+        a = torch.matmul(fq, fk[:, :, None].transpose(-1, -2))  # (b, Hkv, G, c, q)
+        if grouped is not None:
+            a = a * grouped[..., q0:q1, :] if grouped.shape[-2] > 1 else a * grouped
+        num = num + torch.matmul(a, vf[:, :, None])
+        den = den + a.sum(-1)
+        if sink_weight is not None and sinks is not None:
+            den = den + sink_weight(sinks.float()).reshape(1, hkv, groups, 1)
+        den = den + eps
+        outs.append(num / torch.where(den == 0, torch.ones_like(den), den).unsqueeze(-1))
+    out = torch.cat(outs, dim=3) if len(outs) > 1 else outs[0]
+    return out.reshape(b, hq, q, dv)
+
+
+@torch.no_grad()
+def _fold(layer: StateLayer, phi, key, value, real) -> None:
+    """state += phi(k)^T v, norm += sum phi(k) over the real new keys (in chunks of KEY_CHUNK); count them."""
+    b, hkv, q, _ = key.shape
+    for k0 in range(0, q, KEY_CHUNK):
+        k1 = min(q, k0 + KEY_CHUNK)
+        fk = phi(key[:, :, k0:k1].float())
+        if real is not None:
+            fk = fk * real[:, None, k0:k1, None].to(fk.dtype)
+        ds = torch.matmul(fk.transpose(-1, -2), value[:, :, k0:k1].float())
+        dz = fk.sum(-2)
+        if layer.state is None:
+            layer.state, layer.norm = ds, dz
+        else:
+            layer.state += ds
+            layer.norm += dz
+    count = real.sum(-1) if real is not None else torch.full((b,), q, dtype=torch.int64, device=key.device)
+    layer.valid = count if layer.valid is None else layer.valid + count
+    layer.seen += q
+
+
+CACHE_KWARGS = ("cache", "past_key_values")
+
+
+def install_generation_cache(model) -> object:
+    """Make ``model.generate`` build a ``StateCache`` when the caller passes no cache; returns what to restore."""
+    cls_method = type(model)._prepare_cache_for_generation if hasattr(type(model), "_prepare_cache_for_generation") \
+        else None
+    if cls_method is None:
+        return None
+    had_own = "_prepare_cache_for_generation" in model.__dict__
+    previous = model.__dict__.get("_prepare_cache_for_generation")
+    original = cls_method.__get__(model)
+
+    def prepare_cache_for_generation(*args, **kwargs):
+        model_kwargs = kwargs.get("model_kwargs", args[1] if len(args) > 1 else None)
+        given = isinstance(model_kwargs, dict) and any(model_kwargs.get(k) is not None for k in CACHE_KWARGS)
+        result = original(*args, **kwargs)
+        if isinstance(model_kwargs, dict) and not given:
+            for name in CACHE_KWARGS:
+                if type(model_kwargs.get(name)) is DynamicCache:
+                    try:
+                        model_kwargs[name] = StateCache(model)
+                    except AttnSwapError:  # no layer of this model can keep a state: K/V as usual
+                        pass
+        return result
+
+    model.__dict__["_prepare_cache_for_generation"] = prepare_cache_for_generation
+    return (had_own, previous)
+
+
+def remove_generation_cache(model, saved) -> None:
+    if saved is None:
+        return
+    had_own, previous = saved
+    if had_own:
+        model.__dict__["_prepare_cache_for_generation"] = previous
+    else:
+        model.__dict__.pop("_prepare_cache_for_generation", None)
+
+
+def cache_argument(model) -> str:
+    """The name this transformers version's model forward takes a cache under (``cache`` from 5.24 on)."""
+    import inspect
+
+    params = inspect.signature(type(model).forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def new_cache(model) -> Cache:
+    """The cache ``generate`` would use for this model now: a ``StateCache`` when its swap keeps a running state,
+    else a ``DynamicCache``."""
+    from .swap import current_swap
+
+    handle = current_swap(model)
+    if handle is not None and handle.active and handle.kind.state_features is not None:
+        try:
+            return StateCache(model)
+        except AttnSwapError:
+            pass
+    config = getattr(model, "config", None)
+    return DynamicCache(config=config.get_text_config(decoder=True)) if config is not None else DynamicCache()
+
+
+def cache_nbytes(cache) -> int:
+    """Bytes a cache holds (K/V, or running states)."""
+    if isinstance(cache, StateCache):
+        return cache.nbytes()
+    return sum(t.numel() * t.element_size() for layer in getattr(cache, "layers", [])
+               for t in (getattr(layer, "keys", None), getattr(layer, "values", None)) if isinstance(t, torch.Tensor))

@@ -1,0 +1,159 @@
+"""The recurrent-state cache (``attnswap.StateCache``): decoding a model swapped to ``linear`` / ``taylor`` with a
+constant-size running state per layer must give what full recomputation over K/V gives."""
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+import attnswap
+from attnswap.patches.state_cache import StateLayer, cache_argument, new_cache
+from tiny_models import left_padded_batch, num_attention_layers, tiny_model
+
+FEATURE_KINDS = ["linear", "taylor"]
+
+
+@pytest.fixture(autouse=True)
+def _threads(one_thread):
+    yield
+
+
+def generate(model, ids, mask, cache=None, **kw):
+    extra = {} if cache is None else {cache_argument(model): cache}
+    with torch.no_grad():
+        return model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0,
+                              return_dict_in_generate=True, **extra, **kw)
+
+
+def dynamic(model):
+    return DynamicCache(config=model.config)
+
+
+@pytest.mark.parametrize("kind", FEATURE_KINDS)
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gpt_oss"])
+def test_generate_with_state_equals_full_recomputation(family, kind):
+    model = tiny_model(family)
+    ids, mask = left_padded_batch(model.config.vocab_size)
+    attnswap.swap_attention(model, kind)
+    ref = generate(model, ids, mask, cache=dynamic(model))
+    out = generate(model, ids, mask)  # no cache given: generate builds a StateCache itself
+    assert isinstance(out.past_key_values if hasattr(out, "past_key_values") else out.cache, attnswap.StateCache)
+    assert torch.equal(out.sequences, ref.sequences)
+
+
+@pytest.mark.parametrize("kind", FEATURE_KINDS)
+def test_softmax_layers_keep_kv_beside_the_state(kind):
+    model = tiny_model("llama")
+    n_layers = num_attention_layers(model)
+    ids, mask = left_padded_batch(model.config.vocab_size)
+    attnswap.swap_attention(model, kind, layers=[0])
+    cache = attnswap.StateCache(model)
+    kinds = [type(layer) for layer in cache.layers]
+    assert kinds[0] is StateLayer and all(k is not StateLayer for k in kinds[1:]) and len(kinds) == n_layers
+    ref = generate(model, ids, mask, cache=dynamic(model))
+    out = generate(model, ids, mask, cache=cache)
+    assert torch.equal(out.sequences, ref.sequences)
+    assert cache.layers[1].keys.shape[-2] == ids.shape[1] + 5  # the softmax layer kept its K/V
+
+
+@pytest.mark.parametrize("kind", FEATURE_KINDS)
+def test_prefill_in_chunks_equals_one_forward(kind):
+    model = tiny_model("llama")
+    ids, mask = left_padded_batch(model.config.vocab_size, seq=20)
+    attnswap.swap_attention(model, kind)
+    with torch.no_grad():
+        full = model(ids, attention_mask=mask).logits
+        cache = attnswap.StateCache(model)
+        arg = cache_argument(model)
+        parts = [model(ids[:, a:b], attention_mask=mask[:, :b], **{arg: cache}).logits
+                 for a, b in ((0, 7), (7, 8), (8, 20))]
+    real = mask.bool()
+    torch.testing.assert_close(torch.cat(parts, 1)[real], full[real], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", FEATURE_KINDS)
+def test_beam_search_reorders_the_state(kind):
+    model = tiny_model("llama")
+    ids, mask = left_padded_batch(model.config.vocab_size)
+    attnswap.swap_attention(model, kind)
+    ref = generate(model, ids, mask, cache=dynamic(model), num_beams=3)
+    out = generate(model, ids, mask, num_beams=3)
+    assert torch.equal(out.sequences, ref.sequences)
+
+
+@pytest.mark.parametrize("kind", FEATURE_KINDS)
+def test_state_size_is_constant_and_a_tenth_of_kv_at_32k(kind):
+    """The state does not grow with the context; at SmolLM2's head layout (3 KV heads, head dim 64) it is at most
+    1/10 of the bf16 K/V cache a 32k context needs."""
+    model = tiny_model("llama")
+    attnswap.swap_attention(model, kind)
+    sizes = []
+    for length in (16, 64):
+        cache = attnswap.StateCache(model)
+        with torch.no_grad():
+            model(torch.randint(1, 50, (1, length)), **{cache_argument(model): cache})
+        sizes.append(cache.nbytes())
+    assert sizes[0] == sizes[1]
+    # the same state on SmolLM2's layout, per layer: features x (head dim + 1) fp32 per KV head
+    d, hkv, context = 64, 3, 32768
+    phi, _, _ = attnswap.registry.get(kind).state_features(d ** -0.5, {"eps": 1e-6})
+    features = phi(torch.zeros(1, d)).shape[-1]
+    state_bytes = hkv * features * (d + 1) * 4
+    kv_bytes = 2 * hkv * context * d * 2
+    assert state_bytes <= kv_bytes / 10
+
+
+def test_decode_cache_stays_flat_in_measure_latency():
+    from attnswap.evals.latency import measure_latency
+
+    model = tiny_model("llama")
+    attnswap.swap_attention(model, "linear")
+    recs = measure_latency(model, context_lengths=(16, 64), new_tokens=2, warmup=0, repeats=1)
+    assert recs[0]["cache_mb"] > 0 and recs[0]["cache_mb"] == pytest.approx(recs[1]["cache_mb"], rel=0.01)
+    attnswap.restore_attention(model)
+    recs = measure_latency(model, context_lengths=(16, 64), new_tokens=2, warmup=0, repeats=1)
+    assert recs[1]["cache_mb"] > 3 * recs[0]["cache_mb"]  # K/V grows with the context
+
+
+def test_restore_removes_the_generation_cache_and_invalidates_state_caches():
+    model = tiny_model("llama")
+    ids, mask = left_padded_batch(model.config.vocab_size)
+    attnswap.swap_attention(model, "linear")
+    cache = attnswap.StateCache(model)
+    assert "_prepare_cache_for_generation" in model.__dict__
+    attnswap.restore_attention(model)
+    assert "_prepare_cache_for_generation" not in model.__dict__
+    assert isinstance(new_cache(model), DynamicCache) and not isinstance(new_cache(model), attnswap.StateCache)
+    with pytest.raises(attnswap.AttnSwapError, match="no longer active"):
+        with torch.no_grad():
+            model(ids, attention_mask=mask, **{cache_argument(model): cache})
+
+
+def test_bad_uses_are_clear_errors():
+    model = tiny_model("llama")
+    with pytest.raises(attnswap.AttnSwapError, match="not swapped"):
+        attnswap.StateCache(model)
+    attnswap.swap_attention(model, "topk", k=4)
+    with pytest.raises(attnswap.AttnSwapError, match="only linear and taylor"):
+        attnswap.StateCache(model)
+    attnswap.swap_attention(model, "linear")
+    cache = attnswap.StateCache(model)
+    ids = torch.randint(1, 50, (1, 8))
+    arg = cache_argument(model)
+    with torch.no_grad():
+        model(ids, **{arg: cache})
+        with pytest.raises(attnswap.AttnSwapError, match="cannot be cropped"):
+            cache.crop(-1)
+        # a 4D mask that hides a past key from the new query cannot be honored by a running state
+        bad = torch.ones(1, 1, 1, 9, dtype=torch.bool)
+        bad[..., 2] = False
+        with pytest.raises(attnswap.AttnSwapError, match="hides past keys"):
+            model(ids[:, :1], attention_mask=bad, **{arg: cache})
+
+
+def test_legacy_families_keep_kv_in_generate():
+    model = tiny_model("gpt_neo")
+    ids, mask = left_padded_batch(model.config.vocab_size)
+    attnswap.swap_attention(model, "linear")
+    ref = generate(model, ids, mask, cache=dynamic(model))
+    out = generate(model, ids, mask)
+    assert torch.equal(out.sequences, ref.sequences)

@@ -13,6 +13,8 @@ c * tanh(s / c) when given, then visibility (causal with ``offset``, sliding ``w
 with any broadcast). With softcap the chain rule multiplies ds by (1 - tanh^2). Rows the forward left
 empty (lse = -inf, o = 0) get p = 0, hence dq = 0 and no contribution to dk/dv. Sinks are extra logits in
 the denominator only: dsink_h = -sum_rows exp(sink_h - lse) * delta (computed in PyTorch, fp32).
+An optional per-row ``threshold`` (kind ``topk``) drops keys (and the sink) scoring below it, the scores formed
+as queries x keys exactly as the forward and the threshold pass form them, so no key at the threshold flips.
 """
 
 from __future__ import annotations
@@ -43,13 +45,14 @@ def _bwd_delta(O, DO, DELTA, sob, soh, son, sod, sdb, sdh, sdn, sdd, H_Q, N_Q,
 
 
 @triton.jit(do_not_specialize=["N_Q", "N_K", "offset", "window"])
-def _bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, MASK,
+def _bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, MASK, THR,
               sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdob, sdoh, sdon, sdod,
               sdkb, sdkh, sdkn, sdkd, sdvb, sdvh, sdvn, sdvd, smb, smh, smn, smm,
               H_Q, H_KV, GROUPS, N_Q, N_K, N_Q_KEY, N_K_KEY, scale, softcap, offset, window,
               IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_MASK: tl.constexpr,
               HAS_SOFTCAP: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
-              DOT_PREC: tl.constexpr, DOT_F32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+              DOT_PREC: tl.constexpr, DOT_F32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+              HAS_THRESHOLD: tl.constexpr = False):
     start_n = tl.program_id(0) * BLOCK_N
     bhk = tl.program_id(1)
     b = (bhk // H_KV).to(tl.int64)
@@ -90,12 +93,18 @@ def _bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, MASK,
             lse = tl.load(LSE + row_base + offs_m, mask=m_ok, other=float("inf"))
             lse = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
             delta = tl.load(DELTA + row_base + offs_m, mask=m_ok, other=0.0)
-            st = tl.dot(k, qt, input_precision=DOT_PREC) * scale  # (BLOCK_N, BLOCK_M) raw scaled scores
+            if HAS_THRESHOLD:  # queries x keys, exactly as the forward and the threshold pass form scores
+                st = tl.trans(tl.dot(tl.trans(qt), tl.trans(k), input_precision=DOT_PREC)) * scale
+            else:
+                st = tl.dot(k, qt, input_precision=DOT_PREC) * scale  # (BLOCK_N, BLOCK_M) raw scaled scores
             if HAS_SOFTCAP:
                 t = tanh(st / softcap)
                 st = softcap * t
             vis = tl.trans(visible(offs_m, offs_n, N_Q, N_K, mask_base, smn, smm, offset, window,
                                     IS_CAUSAL, HAS_WINDOW, HAS_MASK))
+            if HAS_THRESHOLD:
+                thr = tl.load(THR + row_base + offs_m, mask=m_ok, other=float("inf"))
+                vis = vis & (st >= thr[None, :])
             pt = tl.where(vis, tl.exp2(st * 1.4426950408889634 - lse[None, :]), 0.0)
             dv = tl.dot(pt.to(do.dtype), do, dv, input_precision=DOT_PREC)
             dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
@@ -111,13 +120,14 @@ def _bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, MASK,
 
 
 @triton.jit(do_not_specialize=["N_Q", "N_K", "offset", "window"])
-def _bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, MASK,
+def _bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, MASK, THR,
             sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdob, sdoh, sdon, sdod,
             sdqb, sdqh, sdqn, sdqd, smb, smh, smn, smm,
             H_Q, GROUPS, N_Q, N_K, N_Q_KEY, N_K_KEY, scale, softcap, offset, window,
             IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_MASK: tl.constexpr,
             HAS_SOFTCAP: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
-            DOT_PREC: tl.constexpr, DOT_F32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+            DOT_PREC: tl.constexpr, DOT_F32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+            HAS_THRESHOLD: tl.constexpr = False):
     start_m = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1)
     b = (bh // H_Q).to(tl.int64)
@@ -142,6 +152,9 @@ def _bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, MASK,
     v_base = V + b * svb + hk * svh
     mask_base = MASK + b * smb + h * smh
     dq = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
+    thr = tl.zeros([BLOCK_M], dtype=tl.float32)
+    if HAS_THRESHOLD:
+        thr = tl.load(THR + row_base + offs_m, mask=m_ok, other=float("inf"))
 
     # keys that some query of [start_m, start_m + BLOCK_M) may see
     lo, hi = key_band(start_m, N_K, offset, window, IS_CAUSAL, HAS_WINDOW, BLOCK_M, BLOCK_N)
@@ -159,6 +172,8 @@ def _bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, MASK,
             s = softcap * t
         vis = visible(offs_m, offs_n, N_Q, N_K, mask_base, smn, smm, offset, window,
                        IS_CAUSAL, HAS_WINDOW, HAS_MASK)
+        if HAS_THRESHOLD:
+            vis = vis & (s >= thr[:, None])
         p = tl.where(vis, tl.exp2(s * 1.4426950408889634 - lse[:, None]), 0.0)
         dp = tl.dot(do, vt, input_precision=DOT_PREC)
         ds = p * (dp - delta[:, None])
@@ -179,7 +194,8 @@ _DQ_CONFIGS = configs([(128, 32, 8, 3), (128, 64, 8, 3), (64, 32, 4, 3), (64, 64
 _prune = pruner(lambda bm, bn, stages: bm * bn > 32 * 64 or stages > 2)
 
 
-_KEY = ["N_Q_KEY", "N_K_KEY", "HEAD_DIM", "GROUPS", "IS_CAUSAL", "HAS_WINDOW", "HAS_MASK", "HAS_SOFTCAP"]
+_KEY = ["N_Q_KEY", "N_K_KEY", "HEAD_DIM", "GROUPS", "IS_CAUSAL", "HAS_WINDOW", "HAS_MASK", "HAS_SOFTCAP",
+        "HAS_THRESHOLD"]
 if interpreting():
     _dkdv_tuned, _dq_tuned = _bwd_dkdv, _bwd_dq
 else:
@@ -190,13 +206,15 @@ else:
 
 
 def flash_backward(do, q, k, v, o, lse, *, scaling, causal=False, offset=0, window=None, softcap=None,
-                   sinks=None, mask=None):
+                   sinks=None, mask=None, threshold=None):
     """Gradients of softmax attention: returns ``(dq, dk, dv, dsinks)``.
 
     ``q, do, o`` (b, Hq, n, d); ``k, v`` (b, Hkv, m, d) (kv head = h // (Hq // Hkv)); ``lse`` (b, Hq, n) fp32,
     the natural-log logsumexp the forward saved (sink included; -inf on rows with nothing visible). dq, dk, dv
     come back in the input dtype (dk, dv summed over the query heads of each KV head); ``dsinks`` is fp32
-    (Hq,) or None without ``sinks``. Visibility, softcap and sinks as in ``flash_fwd.flash_forward``.
+    (Hq,) or None without ``sinks``. Visibility, softcap, sinks and the per-row score ``threshold`` (kind
+    ``topk``: keys, and the sink, scoring below it get no weight and no gradient) as in
+    ``flash_fwd.flash_forward``.
     """
     b, hq, n, d = q.shape
     hkv, m = k.shape[1], k.shape[2]
@@ -222,23 +240,31 @@ def flash_backward(do, q, k, v, o, lse, *, scaling, causal=False, offset=0, wind
                                              HEAD_DIM=d, D_PAD=d_pad, BLOCK_M=32)
     mask_t, ms = mask_view(mask, b, hq, hkv, n, m)
     mask_arg = mask_t if mask_t is not None else delta
+    if threshold is not None:
+        if tuple(threshold.shape) != (b, hq, n):
+            raise ValueError(f"threshold must have shape (b, Hq, n) = {(b, hq, n)}, got {tuple(threshold.shape)}")
+        threshold = threshold.detach().float().contiguous()
+    thr_arg = threshold if threshold is not None else delta
     common = dict(IS_CAUSAL=bool(causal), HAS_WINDOW=window is not None, HAS_MASK=mask_t is not None,
                   HAS_SOFTCAP=softcap is not None, HEAD_DIM=d, D_PAD=d_pad, DOT_PREC=dot_prec(q.dtype),
-                  DOT_F32=dot_f32(q.dtype))
+                  DOT_F32=dot_f32(q.dtype), HAS_THRESHOLD=threshold is not None)
     if interpreting():
         common.update(BLOCK_M=16, BLOCK_N=16, num_warps=1, num_stages=1)
     scalars = (n, m, triton.next_power_of_2(n), triton.next_power_of_2(m), float(scaling),
                float(softcap or 1.0), int(offset), int(window or 0))
     _dkdv_tuned[lambda meta: (triton.cdiv(m, meta["BLOCK_N"]), b * hkv)](
-        q, k, v, do, lse, delta, dk, dv, mask_arg,
+        q, k, v, do, lse, delta, dk, dv, mask_arg, thr_arg,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(), *ms,
         hq, hkv, groups, *scalars, **common)
     _dq_tuned[lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), b * hq)](
-        q, k, v, do, lse, delta, dq, mask_arg,
+        q, k, v, do, lse, delta, dq, mask_arg, thr_arg,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(), *ms,
         hq, groups, *scalars, **common)
     if sinks is not None:
         finite = torch.isfinite(lse)
-        p_sink = torch.exp(torch.where(finite, sinks.detach().float()[None, :, None] - lse, float("-inf")))
+        sink = sinks.detach().float()[None, :, None]
+        p_sink = torch.exp(torch.where(finite, sink - lse, float("-inf")))
+        if threshold is not None:  # a sink below the row's threshold was not in its softmax
+            p_sink = torch.where(sink >= threshold, p_sink, 0.0)
         dsinks = -(p_sink * delta).sum(dim=(0, 2))
     return dq, dk, dv, dsinks

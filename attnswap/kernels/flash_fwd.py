@@ -12,6 +12,8 @@ Conventions the backward kernel (``flash_bwd.py``) relies on:
     sink logit when ``sinks`` is given.
   * A row with no visible key gets ``o = 0`` exactly and ``lse = -inf`` (also when a sink is present: the
     sink alone gives no output), never NaN.
+  * With an optional per-row ``threshold`` (kind ``topk``), keys scoring below the row's threshold (and the
+    sink, when its logit is below) count as invisible; ``lse`` covers only what stayed.
 
 Short queries against long K/V are routed to the split-KV path in ``flash_decode.py`` (see
 ``use_split_kv``).
@@ -31,12 +33,16 @@ from .tuning import configs, interpreting, pruner
 @triton.jit
 def _attn_range(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
                 q_pos, row_ok, mask_rows, stride_mm, lo, hi, key_end,
-                qk_scale, scale, softcap, offset, window,
+                qk_scale, scale, softcap, offset, window, thr,
                 EDGE: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
                 HAS_MASK: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                 HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, DOT_PREC: tl.constexpr,
-                DOT_F32: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Online-softmax update of (acc, l_i, m_i) over keys [lo, hi) in BLOCK_N steps (log2 domain)."""
+                DOT_F32: tl.constexpr, BLOCK_N: tl.constexpr, HAS_THRESHOLD: tl.constexpr = False):
+    """Online-softmax update of (acc, l_i, m_i) over keys [lo, hi) in BLOCK_N steps (log2 domain).
+
+    With ``HAS_THRESHOLD`` a key is also invisible to row r when its natural-domain score is below ``thr[r]``;
+    that score is computed exactly as ``tiles.scores`` computes it (dot * scale, then softcap), so a threshold
+    taken from the same scores (kind ``topk``) selects exactly the keys at or above it."""
     offs_d = tl.arange(0, D_PAD)
     d_ok = offs_d < HEAD_DIM
     for start_n in range(lo, hi, BLOCK_N):
@@ -53,13 +59,20 @@ def _attn_range(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_v
         if DOT_F32:
             kt = kt.to(tl.float32)
         qk = tl.dot(q, kt, input_precision=DOT_PREC)
-        if HAS_SOFTCAP:
+        if HAS_THRESHOLD:
+            s_nat = qk * scale
+            if HAS_SOFTCAP:
+                s_nat = softcap * tanh(s_nat / softcap)
+            qk = s_nat * 1.4426950408889634
+        elif HAS_SOFTCAP:
             s = qk * scale
             qk = (softcap * tanh(s / softcap)) * 1.4426950408889634
         else:
             qk = qk * qk_scale
-        if EDGE or HAS_MASK:
+        if EDGE or HAS_MASK or HAS_THRESHOLD:
             vis = n_ok[None, :] & row_ok[:, None]
+            if HAS_THRESHOLD:
+                vis = vis & (s_nat >= thr[:, None])
             if EDGE and IS_CAUSAL:
                 vis = vis & (offs_n[None, :] <= q_pos[:, None] + offset)
             if EDGE and HAS_WINDOW:
@@ -94,12 +107,17 @@ def _attn_range(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_v
 
 
 @triton.jit
-def _finish(acc, l_i, m_i, sink_ptr, HAS_SINKS: tl.constexpr):
-    """Normalize: returns (o fp32, lse natural log); rows with nothing visible give o = 0, lse = -inf."""
+def _finish(acc, l_i, m_i, sink_ptr, HAS_SINKS: tl.constexpr, thr=0.0, HAS_THRESHOLD: tl.constexpr = False):
+    """Normalize: returns (o fp32, lse natural log); rows with nothing visible give o = 0, lse = -inf.
+    With ``HAS_THRESHOLD`` the sink joins row r's denominator only when its logit is >= ``thr[r]``."""
     has_any = m_i > float("-inf")
     m_f = m_i
     if HAS_SINKS:
-        s2 = tl.load(sink_ptr).to(tl.float32) * 1.4426950408889634
+        sink = tl.load(sink_ptr).to(tl.float32)
+        s2 = sink * 1.4426950408889634
+        if HAS_THRESHOLD:
+            s2 = tl.where(sink >= thr, s2, float("-inf"))
+            s2 = tl.where(m_i == float("-inf"), 0.0, s2)  # empty rows stay empty (and free of NaN)
         m_f = tl.maximum(m_i, s2)
         alpha = tl.exp2(m_i - m_f)
         l_i = l_i * alpha + tl.exp2(s2 - m_f)
@@ -112,14 +130,14 @@ def _finish(acc, l_i, m_i, sink_ptr, HAS_SINKS: tl.constexpr):
 
 
 @triton.jit(do_not_specialize=["N_Q", "N_K", "offset", "window"])
-def _fwd_kernel(Q, K, V, O, LSE, SINKS, MASK,
+def _fwd_kernel(Q, K, V, O, LSE, SINKS, MASK, THR,
                 sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, son, sod,
                 smb, smkv, smg, smn, smm,
                 H_Q, GROUPS, N_Q, N_K, N_Q_KEY, N_K_KEY, qk_scale, scale, softcap, offset, window,
                 IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_MASK: tl.constexpr,
                 HAS_SOFTCAP: tl.constexpr, HAS_SINKS: tl.constexpr,
                 HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, DOT_PREC: tl.constexpr, DOT_F32: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_THRESHOLD: tl.constexpr = False):
     start_m = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1)
     b = (bh // H_Q).to(tl.int64)
@@ -157,22 +175,25 @@ def _fwd_kernel(Q, K, V, O, LSE, SINKS, MASK,
     full_hi = tl.minimum((full_hi // BLOCK_N) * BLOCK_N, (N_K // BLOCK_N) * BLOCK_N)
     full_hi = tl.minimum(tl.maximum(full_hi, full_lo), hi)
 
+    thr = tl.zeros([BLOCK_M], dtype=tl.float32)
+    if HAS_THRESHOLD:  # (b, Hq, n) fp32: keys scoring below the row's threshold are invisible
+        thr = tl.load(THR + bh.to(tl.int64) * N_Q + offs_m, mask=row_ok, other=float("inf"))
     acc = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     acc, l_i, m_i = _attn_range(acc, l_i, m_i, q, k_base, v_base, skn, skd, svn, svd, offs_m, row_ok, mask_rows,
-                                smm, lo, full_lo, N_K, qk_scale, scale, softcap, offset, window,
+                                smm, lo, full_lo, N_K, qk_scale, scale, softcap, offset, window, thr,
                                 True, IS_CAUSAL, HAS_WINDOW, HAS_MASK, HAS_SOFTCAP, HEAD_DIM, D_PAD, DOT_PREC,
-                                DOT_F32, BLOCK_N)
+                                DOT_F32, BLOCK_N, HAS_THRESHOLD)
     acc, l_i, m_i = _attn_range(acc, l_i, m_i, q, k_base, v_base, skn, skd, svn, svd, offs_m, row_ok, mask_rows,
-                                smm, full_lo, full_hi, N_K, qk_scale, scale, softcap, offset, window,
+                                smm, full_lo, full_hi, N_K, qk_scale, scale, softcap, offset, window, thr,
                                 False, IS_CAUSAL, HAS_WINDOW, HAS_MASK, HAS_SOFTCAP, HEAD_DIM, D_PAD, DOT_PREC,
-                                DOT_F32, BLOCK_N)
+                                DOT_F32, BLOCK_N, HAS_THRESHOLD)
     acc, l_i, m_i = _attn_range(acc, l_i, m_i, q, k_base, v_base, skn, skd, svn, svd, offs_m, row_ok, mask_rows,
-                                smm, full_hi, hi, N_K, qk_scale, scale, softcap, offset, window,
+                                smm, full_hi, hi, N_K, qk_scale, scale, softcap, offset, window, thr,
                                 True, IS_CAUSAL, HAS_WINDOW, HAS_MASK, HAS_SOFTCAP, HEAD_DIM, D_PAD, DOT_PREC,
-                                DOT_F32, BLOCK_N)
-    o, lse = _finish(acc, l_i, m_i, SINKS + h, HAS_SINKS)
+                                DOT_F32, BLOCK_N, HAS_THRESHOLD)
+    o, lse = _finish(acc, l_i, m_i, SINKS + h, HAS_SINKS, thr, HAS_THRESHOLD)
     tl.store(O + b * sob + h64 * soh + offs_m[:, None] * son + offs_d[None, :] * sod, o.to(O.dtype.element_ty),
              mask=row_ok[:, None] & d_ok[None, :])
     tl.store(LSE + bh.to(tl.int64) * N_Q + offs_m, lse, mask=row_ok)
@@ -186,7 +207,8 @@ _prune = pruner(lambda bm, bn, stages: bn > 64 or bm * bn > 64 * 64 or stages > 
 
 # Tuned per (next_pow2(n), next_pow2(m), head dim, structure): a new length in the same bucket reuses the choice.
 _fwd_tuned = _fwd_kernel if interpreting() else triton.autotune(
-    configs=_CONFIGS, key=["N_Q_KEY", "N_K_KEY", "HEAD_DIM", "IS_CAUSAL", "HAS_WINDOW", "HAS_MASK", "HAS_SOFTCAP"],
+    configs=_CONFIGS, key=["N_Q_KEY", "N_K_KEY", "HEAD_DIM", "IS_CAUSAL", "HAS_WINDOW", "HAS_MASK", "HAS_SOFTCAP",
+                                "HAS_THRESHOLD"],
     prune_configs_by={"early_config_prune": _prune})(_fwd_kernel)
 
 
@@ -196,6 +218,15 @@ def _common(q, k, v, sinks):
     return b, hq, hkv, n, m, d, sinks_t
 
 
+def _threshold_arg(threshold, b: int, hq: int, n: int):
+    """A per-row score threshold (b, Hq, n) -> contiguous fp32, or None; a clear error on a wrong shape."""
+    if threshold is None:
+        return None
+    if tuple(threshold.shape) != (b, hq, n):
+        raise ValueError(f"threshold must have shape (b, Hq, n) = {(b, hq, n)}, got {tuple(threshold.shape)}")
+    return threshold.detach().float().contiguous()
+
+
 def use_split_kv(n: int, m: int, groups: int = 1) -> bool:
     """The routing rule: split-KV (flash-decoding) when n <= 16 queries, m >= 512 keys and the query rows
     sharing a KV head fit one program (groups * n <= 128)."""
@@ -203,13 +234,15 @@ def use_split_kv(n: int, m: int, groups: int = 1) -> bool:
 
 
 def flash_forward(q, k, v, *, scaling, causal=False, offset=0, window=None, softcap=None, sinks=None, mask=None,
-                  split_kv: bool | None = None):
+                  split_kv: bool | None = None, threshold: torch.Tensor | None = None):
     """Softmax attention forward: returns ``o`` (b, Hq, n, d) in q.dtype and ``lse`` (b, Hq, n) fp32.
 
     Query i sees key j iff (not causal or j <= i + offset) and (window is None or j > i + offset - window) and
     mask[b, h, i, j]. ``mask``: bool, broadcastable to (b, Hq, n, m) (or grouped (b|1, Hkv|1, G|1, n|1, m)).
     ``sinks`` (Hq,) logits join the denominator. Rows with no visible key: o = 0, lse = -inf.
     ``split_kv``: None = ``use_split_kv(n, m)``; True/False force the decode path on/off.
+    ``threshold`` (b, Hq, n) fp32 (kind ``topk``): row i also loses every key whose score (natural units, after
+    softcap) is below threshold[b, h, i], and the sink logit when it is below; -inf keeps everything.
     """
     b, hq, hkv, n, m, d, sinks_t = _common(q, k, v, sinks)
     if split_kv is None:
@@ -218,7 +251,8 @@ def flash_forward(q, k, v, *, scaling, causal=False, offset=0, window=None, soft
         from .flash_decode import flash_decode
 
         return flash_decode(q, k, v, scaling=scaling, causal=causal, offset=offset, window=window,
-                            softcap=softcap, sinks=sinks, mask=mask)
+                            softcap=softcap, sinks=sinks, mask=mask, threshold=threshold)
+    thr_t = _threshold_arg(threshold, b, hq, n)
     o = torch.empty_like(q)
     lse = torch.empty((b, hq, n), device=q.device, dtype=torch.float32)
     if n == 0:
@@ -229,12 +263,14 @@ def flash_forward(q, k, v, *, scaling, causal=False, offset=0, window=None, soft
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), b * hq)  # noqa: E731
     _fwd_tuned[grid](
         q, k, v, o, lse, sinks_t if sinks_t is not None else dummy, mask_t if mask_t is not None else dummy,
+        thr_t if thr_t is not None else lse,
         *q.stride(), *k.stride(), *v.stride(), *o.stride(), *ms,
         hq, hq // hkv, n, m, triton.next_power_of_2(n), triton.next_power_of_2(m), float(scaling) * LOG2E, float(scaling), float(softcap or 1.0), int(offset),
         int(window or 0),
         IS_CAUSAL=bool(causal), HAS_WINDOW=window is not None, HAS_MASK=mask_t is not None,
         HAS_SOFTCAP=softcap is not None, HAS_SINKS=sinks_t is not None,
         HEAD_DIM=d, D_PAD=d_pad, DOT_PREC=dot_prec(q.dtype), DOT_F32=dot_f32(q.dtype),
+        HAS_THRESHOLD=thr_t is not None,
         **({"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 1, "num_stages": 1} if interpreting() else {}),
     )
     return o, lse

@@ -1,0 +1,266 @@
+"""Triton kernel of kind ``topk`` (``attnswap/kernels/topk.py``) against the PyTorch reference
+(``attnswap/kinds/topk.py``): forward and backward through ``attnswap.attention(..., impl="triton")`` vs
+``impl="torch"``, the per-row k-th score (``kth_threshold``) vs ``torch.topk``, ties at the k-th score, and the
+thresholded softmax kernels (forward, split-KV decode). Without CUDA the kernels run in the Triton interpreter
+on small shapes; on a GPU the same tests run larger shapes.
+"""
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from kernel_env import CUDA, DEV, S  # noqa: E402  (the interpreter is chosen in conftest.py)
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+import attnswap  # noqa: E402
+import attnswap.kernels  # noqa: E402,F401  (registers the kernel)
+from attnswap.kernels.flash_decode import flash_decode  # noqa: E402
+from attnswap.kernels.flash_fwd import flash_forward  # noqa: E402
+from attnswap.kernels.topk import kth_threshold, supports, topk_attention  # noqa: E402
+from attnswap.kinds.visibility import Visibility  # noqa: E402
+
+TOL = {torch.float32: 1e-5, torch.float16: 2e-2, torch.bfloat16: 2e-2}
+GRAD_TOL = 1e-4
+
+
+def make(b, hq, hkv, n, m, d, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, hq, n, d, generator=g)
+    k = torch.randn(b, hkv, m, d, generator=g)
+    v = torch.randn(b, hkv, m, d, generator=g)
+    return [t.to(DEV, dtype) for t in (q, k, v)]
+
+
+def run_both(q, k, v, k_top, backward=False, **kw):
+    """(triton output, reference output[, triton grads, reference grads]) for the same inputs."""
+    results = []
+    for impl in ("triton", "torch"):
+        ins = [t.detach().clone().requires_grad_(backward) for t in (q, k, v)]
+        sinks = kw.get("sinks")
+        opts = dict(kw)
+        if sinks is not None:
+            opts["sinks"] = sinks.detach().clone().requires_grad_(backward)
+            ins.append(opts["sinks"])
+        out = attnswap.attention(*ins[:3], "topk", impl=impl, k=k_top, **opts)
+        grads = None
+        if backward:
+            weight = torch.linspace(-1, 1, out.numel(), device=out.device).view_as(out)
+            (out.float() * weight).sum().backward()
+            grads = [t.grad for t in ins]
+        results.append((out, grads))
+    return results
+
+
+def check(q, k, v, k_top, backward=False, **kw):
+    (out, grads), (ref, ref_grads) = run_both(q, k, v, k_top, backward=backward, **kw)
+    assert out.dtype == q.dtype and out.shape == ref.shape
+    assert not torch.isnan(out).any()
+    tol = TOL[q.dtype]
+    torch.testing.assert_close(out.float(), ref.float(), atol=tol, rtol=tol)
+    if backward:
+        for name, a, b in zip(("dq", "dk", "dv", "dsinks"), grads, ref_grads):
+            assert not torch.isnan(a).any(), name
+            torch.testing.assert_close(a.float(), b.float(), atol=GRAD_TOL, rtol=GRAD_TOL, msg=name)
+    return out, ref
+
+
+def reference_scores(q, k, scaling, softcap=None):
+    """float64 scores (b, Hq, n, m)."""
+    kk = k.double().repeat_interleave(q.shape[1] // k.shape[1], 1)
+    s = q.double() @ kk.transpose(-1, -2) * scaling
+    return s if softcap is None else softcap * torch.tanh(s / softcap)
+
+
+def reference_kth(s, visible, k_top):
+    """Each row's k-th largest visible score; -inf where a row sees <= k_top keys."""
+    filled = s.masked_fill(~visible, float("-inf"))
+    count = visible.sum(-1)
+    kth = filled.topk(min(k_top, s.shape[-1]), dim=-1).values[..., -1]
+    return torch.where(count > k_top, kth, torch.full_like(kth, float("-inf")))
+
+
+def causal_visible(n, m, offset, window=None):
+    i = torch.arange(n)[:, None] + offset
+    j = torch.arange(m)[None]
+    vis = j <= i
+    if window is not None:
+        vis &= j > i - window
+    return vis.to(DEV)
+
+
+@pytest.mark.parametrize("k_top", [1, 4, 16, 64])
+def test_k_values_forward_backward(k_top):
+    """Causal n == m; k = 64 >= m keeps every visible key (plain causal softmax)."""
+    q, k, v = make(1, 2, 1, 24 * S, 24 * S, 32, seed=k_top)
+    check(q, k, v, k_top, backward=True, causal=True)
+
+
+# (b, hq, hkv, n, m, d, causal, window, k_top)
+CASES = [
+    (1, 2, 2, 7, 29, 32, False, None, 5),  # non-causal, n < m, odd lengths
+    (2, 2, 1, 9, 33, 64, True, None, 6),  # causal n < m: offset m - n
+    (1, 3, 1, 19, 19, 32, True, 9, 4),  # sliding window (rows see <= 9 keys), GQA 3
+    (1, 4, 2, 17, 23, 80, False, 6, 3),  # window without causal, GQA 2, padded head dim
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "b{}_h{}-{}_n{}_m{}_d{}_c{}_w{}_k{}".format(*c))
+def test_situations_forward_backward(case):
+    b, hq, hkv, n, m, d, causal, window, k_top = case
+    q, k, v = make(b, hq, hkv, n, m * S, d, seed=n)
+    check(q, k, v, k_top, backward=True, causal=causal, window=window)
+
+
+def test_softcap_forward_backward():
+    q, k, v = make(1, 2, 1, 13, 21, 32, seed=3)
+    check(q * 4, k, v, 5, backward=True, causal=True, softcap=3.0)
+
+
+@pytest.mark.parametrize("groups", [1, 2, 3])
+def test_gqa(groups):
+    q, k, v = make(1, 2 * groups, 2, 11, 26, 32, seed=groups)
+    check(q, k, v, 3, causal=True)
+
+
+def test_key_padding_and_fully_padded_sequence():
+    b, n, m = 3, 9, 30
+    q, k, v = make(b, 2, 1, n, m, 32, seed=4)
+    pad = torch.ones(b, m, dtype=torch.bool)
+    pad[0, :5] = False  # left padding
+    pad[1, 20:] = False  # right padding
+    pad[2] = False  # a fully padded sequence
+    mask = pad[:, None, None, :].to(DEV)
+    out, _ = check(q, k, v, 4, backward=True, mask=mask, causal=True)
+    assert out[2].eq(0).all()
+
+
+def test_dense_mask_with_fully_masked_rows():
+    b, hq, n, m = 2, 2, 13, 27
+    q, k, v = make(b, hq, 1, n, m, 32, seed=5)
+    mask = torch.rand(b, hq, n, m, generator=torch.Generator().manual_seed(1)) > 0.4
+    mask[0, 1, 3] = False
+    mask[1, :, 7] = False
+    mask = mask.to(DEV)
+    out, _ = check(q, k, v, 5, backward=True, mask=mask)
+    assert out[0, 1, 3].eq(0).all() and out[1, :, 7].eq(0).all()
+    check(q, k, v, 2, mask=mask, causal=True, window=9)
+
+
+def integer_inputs(b, hq, hkv, n, m, d, seed=0):
+    """Small integer q, k: scores with scaling 1 are exact integers, so many tie exactly."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randint(-1, 2, (b, hq, n, d), generator=g).float()
+    k = torch.randint(-1, 2, (b, hkv, m, d), generator=g).float()
+    v = torch.randn(b, hkv, m, d, generator=g)
+    return [t.to(DEV) for t in (q, k, v)]
+
+
+@pytest.mark.parametrize("k_top", [1, 3, 8])
+def test_ties_keep_the_reference_set(k_top):
+    b, hq, hkv, n, m, d = 1, 2, 1, 16, 29, 32
+    q, k, v = integer_inputs(b, hq, hkv, n, m, d, seed=k_top)
+    q = q / 4  # scores are multiples of 1/4: exact in fp32 and in every summation order
+    s = reference_scores(q, k, 1.0)
+    vis = causal_visible(n, m, m - n).expand(b, hq, n, m)
+    want = reference_kth(s, vis, k_top)
+    kept = ((s >= want[..., None]) & vis).sum(-1)
+    assert (kept > k_top).any(), "the inputs must produce ties at the k-th score"
+    got = kth_threshold(q, k, k_top=k_top, scaling=1.0, causal=True, offset=m - n)
+    assert torch.equal(got.double(), want)
+    _, stats = topk_attention(q, k, v, k_top=k_top, scaling=1.0, causal=True, offset=m - n, return_stats=True)
+    assert abs(stats["kept_fraction"] - float(kept.sum()) / float(vis.sum())) < 1e-12
+    assert 1 <= stats["passes"] <= 33
+    check(q, k, v, k_top, backward=True, causal=True, scaling=1.0)
+
+
+def test_kth_threshold_matches_torch_topk():
+    b, hq, hkv, n, m, d = 2, 2, 1, 18, 40, 32
+    q, k, _ = make(b, hq, hkv, n, m, d, seed=11)
+    mask = (torch.rand(b, 1, n, m, generator=torch.Generator().manual_seed(2)) > 0.3).to(DEV)
+    s = reference_scores(q, k, 0.2)
+    for k_top in (1, 7, 33):
+        for kw, vis in ((dict(), torch.ones(b, hq, n, m, dtype=torch.bool, device=DEV)),
+                        (dict(causal=True, offset=m - n, mask=mask),
+                         causal_visible(n, m, m - n) & mask.expand(b, hq, n, m))):
+            got = kth_threshold(q, k, k_top=k_top, scaling=0.2, **kw)
+            want = reference_kth(s, vis, k_top)
+            assert got.shape == (b, hq, n) and got.dtype == torch.float32
+            assert torch.equal(torch.isneginf(got), torch.isneginf(want))
+            fin = torch.isfinite(want)
+            torch.testing.assert_close(got[fin].double(), want[fin], atol=1e-5, rtol=1e-5)
+
+
+def test_sinks_compete_in_the_selection():
+    """The sink is one more always-visible score: in some rows it is among the top k, in others not."""
+    q, k, v = make(1, 4, 2, 12, 20, 32, seed=8)
+    sinks = torch.tensor([-3.0, 0.5, 1.0, 4.0]).to(DEV)
+    out, ref = check(q, k, v, 3, backward=True, causal=True, sinks=sinks)
+    check(q, k, v, 1, backward=True, sinks=sinks)
+    s = reference_scores(q, k, 32 ** -0.5)
+    with_sink = torch.cat([s, sinks.double().view(1, 4, 1, 1).expand(1, 4, 12, 1)], -1)
+    thr = kth_threshold(q, k, k_top=3, scaling=32 ** -0.5, sinks=sinks)
+    want = with_sink.topk(3, -1).values[..., -1]
+    torch.testing.assert_close(thr.double(), want, atol=1e-5, rtol=1e-5)
+    chosen = sinks.view(1, 4, 1) >= thr
+    assert chosen.any() and not chosen.all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision(dtype):
+    q, k, v = make(1, 2, 1, 17, 31, 64, dtype=dtype, seed=2)
+    check(q, k, v, 6, causal=True)
+
+
+def test_decode_path_with_threshold():
+    """The split-KV forward with a per-row threshold (sinks included) equals the one-pass forward."""
+    n, m = 3, 150 * S
+    q, k, v = make(2, 4, 2, n, m, 32, seed=6)
+    mask = torch.rand(2, 1, n, m, generator=torch.Generator().manual_seed(3)) > 0.3
+    mask[1] = False  # a fully padded sequence
+    sinks = torch.tensor([-2.0, 0.0, 1.5, 3.0]).to(DEV)
+    kw = dict(scaling=0.25, causal=True, offset=m - n, window=100, softcap=4.0, sinks=sinks, mask=mask.to(DEV))
+    thr = kth_threshold(q, k, k_top=5, **{x: kw[x] for x in kw if x != "sinks"}, sinks=sinks)
+    o, lse = flash_decode(q, k, v, splits=3, threshold=thr, **kw)
+    o2, lse2 = flash_forward(q, k, v, split_kv=False, threshold=thr, **kw)
+    assert o[1].eq(0).all() and torch.isneginf(lse[1]).all()
+    torch.testing.assert_close(o, o2, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse, lse2, atol=1e-5, rtol=1e-5)
+    ref = attnswap.attention(q, k, v, "topk", impl="torch", k=5, causal=True, window=100, softcap=4.0,
+                             sinks=sinks, scaling=0.25, mask=mask.to(DEV))
+    torch.testing.assert_close(o, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_decode_routing_through_attention():
+    """n <= 16 queries against m >= 512 keys take the split-KV forward (flash_fwd.use_split_kv)."""
+    m = 520 if not CUDA else 4096
+    q, k, v = make(1, 2, 1, 1, m, 32, seed=12)
+    check(q, k, v, 8, causal=True, sinks=torch.tensor([0.0, 2.5]).to(DEV))
+
+
+def test_supports_declines_clearly():
+    q, k, v = make(1, 2, 1, 4, 4, 32)
+    vis = Visibility(n=4, m=4)
+    assert supports(q, k, v, vis, k=4) == (True, "")
+    q48, k48, v48 = make(1, 2, 1, 4, 4, 48)
+    ok, why = supports(q48, k48, v48, vis, k=4)
+    assert not ok and "head dim 48" in why and "128" in why
+    assert "dropout" in supports(q, k, v, vis, k=4, dropout=0.1)[1]
+    assert "weights" in supports(q, k, v, vis, k=4, need_weights=True)[1]
+    bias = Visibility(n=4, m=4, mask=torch.randn(1, 1, 1, 4, 4).to(DEV))
+    assert "bias" in supports(q, k, v, bias, k=4)[1]
+    assert not supports(q, k, v, vis, k=0)[0]
+    with pytest.raises(attnswap.AttnSwapError, match="head dim"):
+        attnswap.attention(q48, k48, v48, "topk", impl="triton", k=2)
+    with pytest.raises(ValueError, match="k_top"):
+        kth_threshold(q, k, k_top=0, scaling=1.0)
+
+
+@settings(max_examples=5 if not CUDA else 30, deadline=None)
+@given(hkv=st.integers(1, 2), groups=st.integers(1, 3), n=st.integers(1, 30), m=st.integers(1, 40),
+       k_top=st.sampled_from([1, 2, 5, 16]), causal=st.booleans(), window=st.one_of(st.none(), st.integers(1, 12)),
+       seed=st.integers(0, 100))
+def test_random_shapes(hkv, groups, n, m, k_top, causal, window, seed):
+    q, k, v = make(1, hkv * groups, hkv, n, m, 32, seed=seed)
+    check(q, k, v, k_top, causal=causal, window=window)

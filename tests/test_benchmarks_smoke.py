@@ -1,0 +1,191 @@
+"""The benchmark scripts run end to end on a CPU at tiny sizes (``--smoke``) and write SPEC-shaped JSON lines.
+
+They write into a temporary folder (``--out``), never into ``benchmarks/results``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))
+
+import common  # noqa: E402
+import linear_attention  # noqa: E402
+import sparse_attention  # noqa: E402
+
+SPEC_FIELDS = ("bench", "kind", "impl", "device", "dtype", "b", "hq", "hkv", "n", "d", "causal", "mode", "ms",
+               "tflops", "peak_mem_mb", "baseline", "baseline_ms", "speedup", "commit")
+
+
+def read_lines(folder: Path) -> list[dict]:
+    files = list(folder.glob("*.jsonl"))
+    assert len(files) == 1, files
+    return [json.loads(line) for line in files[0].read_text().splitlines()]
+
+
+def results_snapshot() -> dict:
+    folder = BENCHMARKS / "results"
+    return {p.name: p.stat().st_size for p in folder.glob("*.jsonl")} if folder.exists() else {}
+
+
+def check_rows(lines: list[dict], rows: list[dict], bench: str) -> None:
+    """SPEC fields present, ms > 0 (or an error named), speedup = baseline_ms / ms."""
+    assert lines == rows and lines
+    for row in lines:
+        missing = [f for f in SPEC_FIELDS if f not in row]
+        assert not missing, (missing, row)
+        assert row["bench"] == bench and row["device"].startswith("cpu") and row["causal"] is True
+        assert row.get("error") is None, row
+        assert row["ms"] > 0 and math.isfinite(row["ms"])
+        if row["baseline"] is None:
+            assert row["speedup"] is None
+        else:
+            assert row["baseline_ms"] > 0
+            assert row["speedup"] == pytest.approx(row["baseline_ms"] / row["ms"], rel=1e-12)
+
+
+@pytest.fixture
+def one_thread_here():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_sparse_attention_smoke(tmp_path, one_thread_here):
+    before = results_snapshot()
+    rows = sparse_attention.main(["--smoke", "--device", "cpu", "--topk", "8", "--baselines", "softmax,sdpa",
+                                  "--out", str(tmp_path)])
+    lines = read_lines(tmp_path)
+    check_rows(lines, rows, "sparse_attention")
+    assert results_snapshot() == before, "the smoke run wrote into benchmarks/results"
+    assert {(r["mode"], r["kind"]) for r in lines} >= {(m, k) for m in ("fwd", "fwd_bwd")
+                                                       for k in ("softmax", "entmax", "sparsemax", "topk")}
+    base = {r["mode"]: r["ms"] for r in lines if r["kind"] == "softmax" and r["impl"] == "torch"}
+    for row in lines:
+        if row["kind"] in ("entmax", "sparsemax", "topk"):
+            assert row["baseline_ms"] == base[row["mode"]]
+            assert 0.0 <= row["zero_weight_fraction"] <= 1.0 and 0.0 <= row["skipped_block_fraction"] <= 1.0
+    by_kind = {r["kind"]: r for r in lines if r["mode"] == "fwd"}
+    assert by_kind["entmax"]["alpha"] == 1.5 and by_kind["entmax"]["zero_weight_fraction"] > 0.0
+    assert by_kind["sparsemax"]["zero_weight_fraction"] > by_kind["entmax"]["zero_weight_fraction"]
+    # topk k=8 on the last 32 of 64 causal rows: row i keeps 8 of its i + 1 visible keys
+    n, rows_seen = by_kind["topk"]["n"], 32
+    expected = rows_seen * 8 / sum(i + 1 for i in range(n - rows_seen, n))
+    assert by_kind["topk"]["kept_fraction"] == pytest.approx(expected, abs=1e-3)
+
+
+def test_sparse_entmax_package_baselines(tmp_path, one_thread_here):
+    pytest.importorskip("entmax")
+    rows = sparse_attention.main(["--smoke", "--device", "cpu", "--kinds", "entmax,sparsemax", "--modes", "fwd",
+                                  "--lengths", "32", "--baselines", "softmax,entmax_pkg", "--no-sparsity",
+                                  "--out", str(tmp_path)])
+    check_rows(read_lines(tmp_path), rows, "sparse_attention")
+    impls = {(r["kind"], r["impl"]) for r in rows}
+    assert {("entmax", "entmax_bisect"), ("entmax", "entmax15"), ("sparsemax", "sparsemax_pkg")} <= impls
+    ours = next(r for r in rows if r["kind"] == "entmax" and r["impl"] == "torch")
+    bisect = next(r for r in rows if r["kind"] == "entmax" and r["impl"] == "entmax_bisect")
+    assert ours["entmax_bisect_ms"] == bisect["ms"]
+    assert ours["speedup_vs_entmax_bisect"] == pytest.approx(bisect["ms"] / ours["ms"])
+
+
+@pytest.mark.parametrize("kind, options", [("entmax", {"alpha": 1.5}), ("topk", {"k": 5})])
+def test_kernel_sparsity_matches_the_reference(kind, options):
+    """The kernels' return_stats counters (Triton interpreter on a CPU) agree with the reference's weights."""
+    stats_fn = {"entmax": "entmax_attention", "topk": "topk_attention"}[kind]
+    module = pytest.importorskip(f"attnswap.kernels.{kind}")
+    if not hasattr(module, stats_fn):
+        pytest.skip(f"attnswap.kernels.{kind}.{stats_fn} does not exist yet")
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (2 * torch.randn(1, 2, 24, 32, generator=g) for _ in range(3))
+    got = sparse_attention.kernel_stats(kind, q, k, v, options)
+    ref = sparse_attention.reference_sparsity(kind, q, k, v, options, rows=24, block=16)
+    assert got is not None and got["sparsity_source"] == "kernel"
+    key = "zero_weight_fraction" if kind == "entmax" else "kept_fraction"
+    assert 0.0 < ref[key] < 1.0
+    assert got[key] == pytest.approx(ref[key], abs=1e-6)
+
+
+def test_sparse_reference_sparsity_counts_blocks():
+    """A diagonal-only pattern: every visible off-diagonal block of a 16 x 16 tiling is skipped."""
+    n, block = 64, 16
+    visible = torch.arange(n)[None, :] <= torch.arange(n)[:, None]
+    nonzero = (torch.eye(n, dtype=torch.bool) & visible)[None, None]
+    skipped = sparse_attention._skipped_blocks(nonzero, visible, block)
+    tiles = 4 * 5 // 2  # lower-triangular tiles, the diagonal included
+    assert skipped == pytest.approx((tiles - 4) / tiles)
+
+
+def test_capture_qkv_takes_one_layer_in_order():
+    from tiny_models import tiny_model
+
+    model = tiny_model("llama")
+    ids = torch.randint(2, 100, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+    q, k, v = sparse_attention.capture_qkv(model, ids, layer=1)
+    cfg = model.config
+    d = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    assert q.shape == (1, cfg.num_attention_heads, 12, d)
+    assert k.shape == v.shape == (1, cfg.num_key_value_heads, 12, d)
+    q_short, k_short, _ = sparse_attention.capture_qkv(model, ids[:, :7], layer=1)
+    torch.testing.assert_close(q_short, q[:, :, :7], rtol=1e-5, atol=1e-5)  # causal: a prefix gives the prefix
+    torch.testing.assert_close(k_short, k[:, :, :7], rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, before, rtol=0, atol=0)  # the swap was undone
+
+
+def test_linear_attention_smoke(tmp_path, one_thread_here):
+    before = results_snapshot()
+    rows = linear_attention.main(["--smoke", "--device", "cpu", "--threads", "1", "--out", str(tmp_path)])
+    lines = read_lines(tmp_path)
+    check_rows(lines, rows, "linear_attention")
+    assert results_snapshot() == before, "the smoke run wrote into benchmarks/results"
+    prefill = [r for r in lines if r["mode"] == "prefill"]
+    assert {(r["kind"], r["impl"]) for r in prefill} == {("softmax", "torch"), ("softmax", "sdpa"),
+                                                         ("linear", "torch"), ("taylor", "torch")}
+    assert all((r["hq"], r["hkv"], r["d"], r["b"]) == (9, 3, 64, 1) for r in prefill)
+    decode = [r for r in lines if r["mode"] == "decode"]
+    assert {(r["kind"], r["n"]) for r in decode} == {(k, n) for k in ("softmax", "linear", "taylor") for n in (16, 48)}
+    for row in decode:
+        assert row["tokens_per_s"] == pytest.approx(1e3 / row["ms"]) and row["prefill_ms"] > 0
+        assert row["cache_bytes"] > 0
+        if row["kind"] == "softmax":
+            # a DynamicCache after T new tokens holds L + T - 1 positions of K and V in every layer (fp32)
+            assert row["cache_bytes"] == 2 * row["layers"] * 3 * (row["n"] + row["new_tokens"] - 1) * 64 * 4
+        else:
+            base = next(r for r in decode if r["kind"] == "softmax" and r["n"] == row["n"])
+            assert row["baseline_cache_bytes"] == base["cache_bytes"] and row["baseline_ms"] == base["ms"]
+            assert row["cache_ratio"] == pytest.approx(row["cache_bytes"] / base["cache_bytes"])
+    for kind in ("linear", "taylor"):  # the recurrent state does not grow with the context
+        assert len({r["cache_bytes"] for r in decode if r["kind"] == kind}) == 1, kind
+
+
+def test_decode_skipped_without_state_cache(tmp_path, monkeypatch, capsys):
+    import attnswap
+
+    monkeypatch.delattr(attnswap, "StateCache", raising=False)
+    rows = linear_attention.main(["--smoke", "--device", "cpu", "--modes", "decode", "--out", str(tmp_path)])
+    assert rows == [] and "StateCache" in capsys.readouterr().out
+
+
+def test_bad_arguments_name_the_choices():
+    with pytest.raises(SystemExit, match="valid choices: entmax,sparsemax,topk"):
+        sparse_attention.parse_args(["--device", "cpu", "--kinds", "entmax,flash"])
+    with pytest.raises(SystemExit, match="--lengths"):
+        linear_attention.parse_args(["--device", "cpu", "--lengths", "1k,big"])
+    assert common.parse_lengths("1k,96") == [1024, 96]
+
+
+def test_record_goes_to_out_dir(tmp_path):
+    row = common.record("somewhere", out_dir=tmp_path, ms=2.0, baseline_ms=3.0)
+    assert json.loads((tmp_path / "somewhere.jsonl").read_text()) == row and row["commit"]
+    assert common.with_speedup({"ms": 2.0, "baseline_ms": 3.0})["speedup"] == 1.5
+    assert common.with_speedup({"ms": None, "baseline_ms": 3.0})["speedup"] is None

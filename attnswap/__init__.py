@@ -4,6 +4,8 @@
     attnswap.swap_attention(model, "entmax", alpha=1.5)
 """
 
+__version__ = "0.1.0"
+
 from . import kinds  # noqa: F401  (registers the built-in kinds)
 
 try:
@@ -22,10 +24,11 @@ from .api import (
 from .errors import AttnSwapError, UnsupportedModelError
 from .patches.interface import register_all as _register_all
 from .patches.state_cache import StateCache
+from .adapt.calibrate import calibrate
+from .adapt.saving import load_swap, save_swap
 
 _register_all()
 
-__version__ = "0.1.0"
 __all__ = [
     "AttnSwapError",
     "StateCache",
@@ -33,8 +36,11 @@ __all__ = [
     "UnsupportedModelError",
     "attention",
     "available_kinds",
+    "calibrate",
+    "load_swap",
     "register_kind",
     "restore_attention",
+    "save_swap",
     "swap_attention",
     "swapped",
 ]

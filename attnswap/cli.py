@@ -58,6 +58,7 @@ def run_eval(args, what: set[str]) -> int:
     device = _distributed_setup(args.device)
     main = _main_process()
     model, tokenizer = runner.load_model(args.model, dtype=args.dtype, device=device)
+    runner.calibration_ids(tokenizer, specs)
     writer = ResultsWriter(args.out) if main else None
     say = print if main else (lambda *a, **k: None)
     tables = []
@@ -121,6 +122,44 @@ def cmd_demo(args) -> int:
     return run_eval(args, {"ppl", "entropy", "latency"})
 
 
+CALIBRATION_COLUMNS = [("layer", "layer", None), ("error_before", "output error before", ".4f"),
+                       ("error_after", "after", ".4f"), ("scales", "score scales (per head)", None)]
+
+
+def cmd_calibrate(args) -> int:
+    import time
+
+    from .errors import AttnSwapError
+
+    from . import save_swap
+    from .adapt.calibrate import calibrate
+    from .evals import runner
+    from .evals.corpus import calibration_text, load_text
+    from .evals.report import format_table
+    from .evals.specs import parse_attn, parse_layers
+
+    specs = parse_attn(args.attn, parse_layers(args.layers))
+    if len(specs) != 1 or specs[0].kind is None:
+        raise AttnSwapError(f"attnswap calibrate takes one kind, e.g. --attn entmax:alpha=1.5; got {args.attn!r}")
+    spec = specs[0]
+    text = load_text(args.text_file, args.dataset)[0] if (args.text_file or args.dataset) else calibration_text()
+    model, tokenizer = runner.load_model(args.model, dtype=args.dtype, device=args.device)
+    ids = runner.tokenize(tokenizer, text)
+    start = time.perf_counter()
+    handle = calibrate(model, spec.kind, ids, layers=spec.layers, window=args.window, max_windows=args.windows,
+                       progress=True, **spec.options)
+    seconds = time.perf_counter() - start
+    rows = [{"layer": i, **r, "scales": " ".join(f"{x:.2f}" for x in r["score_scale"])}
+            for i, r in handle.calibration["layers"].items()]
+    print(format_table(rows, CALIBRATION_COLUMNS))
+    path = save_swap(model, args.out)
+    cal = handle.calibration
+    print(f"calibrated {spec.kind} on {cal['tokens']} tokens ({cal['window']}-token windows) in {seconds:.1f} s: "
+          f"mean output error {cal['mean_error_before']:.4f} -> {cal['mean_error_after']:.4f}; wrote {path}")
+    print(f"evaluate it with: attnswap eval ppl --attn saved:{args.out}")
+    return 0
+
+
 def cmd_lm_eval(args, rest: list[str]) -> int:
     from .evals.lm_eval_model import main as lm_eval_main
 
@@ -177,6 +216,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="every kind on SmolLM2-135M and the offline corpus: table and plots")
     _add_eval_args(p, demo=True)
     p.set_defaults(fn=cmd_demo)
+    p = sub.add_parser("calibrate", help="fit per-layer, per-head score scales of a kind and save the swap")
+    p.add_argument("--attn", required=True, help="one score-based kind, e.g. entmax:alpha=1.5, sparsemax, topk:k=64")
+    p.add_argument("--out", required=True, help="folder to save the swap in (attnswap_swap.json)")
+    p.add_argument("--model", default=None, help="a Hugging Face model folder (default: SmolLM2-135M-Instruct)")
+    p.add_argument("--layers", default=None, help="swap only these layers, e.g. 4-29 (default: all)")
+    p.add_argument("--text-file", default=None, help="calibration text (default: the end of the offline corpus)")
+    p.add_argument("--dataset", default=None, help="calibration text from a datasets name")
+    p.add_argument("--window", type=int, default=512, help="tokens per calibration sequence")
+    p.add_argument("--windows", type=int, default=2, help="calibration sequences")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    p.set_defaults(fn=cmd_calibrate)
     sub.add_parser("lm-eval", help="lm-evaluation-harness with model 'attnswap' (arguments go to lm-eval)",
                    add_help=False)
     return parser

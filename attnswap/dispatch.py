@@ -10,7 +10,7 @@ import torch
 
 from .errors import AttnSwapError
 from .kinds.visibility import Visibility
-from .observe import current_observer
+from .observe import current_observer, current_tap
 from . import registry
 from .registry import Kind
 
@@ -39,6 +39,12 @@ def run(kind: Kind, options: dict, query, key, value, vis: Visibility, *, scalin
         warn_once((kind.name, "sinks"), f"kind {kind.name!r} has no scores: the model's attention sinks do not apply")
     if kind.uses_scores and sinks is not None and sinks.shape != (query.shape[1],):
         raise AttnSwapError(f"sinks must have shape (Hq,) = ({query.shape[1]},), got {tuple(sinks.shape)}")
+    if registry.SCORE_SCALE in options:  # a temperature on the scores: the same as scaling the queries, any path
+        options = dict(options)
+        query = scale_queries(query, options.pop(registry.SCORE_SCALE))
+    tap = current_tap()
+    if tap is not None:
+        tap(module, query, key, value, vis, scaling=scaling, softcap=softcap, sinks=sinks)
     kw = dict(scaling=scaling, softcap=softcap, sinks=sinks, dropout=dropout, need_weights=need_weights)
     observer = current_observer()
     if observer is not None:
@@ -71,6 +77,20 @@ def run(kind: Kind, options: dict, query, key, value, vis: Visibility, *, scalin
             warn_once((kind.name, why), f"attnswap: kind {kind.name!r} falls back to the PyTorch reference: {why}")
     out, weights = kind.forward(query, key, value, vis, **kw, **options)
     return out.to(query.dtype), (weights.to(query.dtype) if weights is not None else None)
+
+
+def scale_queries(query: torch.Tensor, scale) -> torch.Tensor:
+    """query (b, Hq, n, d) times a score scale: one number or one per query head (computed in fp32)."""
+    if isinstance(scale, tuple):
+        if len(scale) != query.shape[1]:
+            raise AttnSwapError(f"score_scale has {len(scale)} values but the attention has {query.shape[1]} query "
+                                "heads; give one number or one per query head")
+        factor = torch.tensor(scale, dtype=torch.float32, device=query.device).view(1, -1, 1, 1)
+    elif scale == 1.0:
+        return query
+    else:
+        factor = float(scale)
+    return (query.float() * factor).to(query.dtype)
 
 
 def _kernel_supports(kind: Kind, query, key, value, vis, kw) -> tuple[bool, str]:

@@ -26,3 +26,21 @@ def observing(observer):
         yield observer
     finally:
         _observer.reset(token)
+
+
+_tap: ContextVar = ContextVar("attnswap_tap", default=None)
+
+
+def current_tap():
+    return _tap.get()
+
+
+@contextlib.contextmanager
+def tapping(fn):
+    """``fn(module, query, key, value, vis, *, scaling, softcap, sinks)`` sees the inputs of every swapped attention
+    call (after the score scale) before it runs: calibration records them this way."""
+    token = _tap.set(fn)
+    try:
+        yield fn
+    finally:
+        _tap.reset(token)

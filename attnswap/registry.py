@@ -69,7 +69,14 @@ class Kind:
         return {o.name: o.default for o in self.options if o.name not in self.fixed}
 
     def resolve(self, options: dict) -> dict:
-        """Validate user options; return the full option dict (defaults filled in, alias pins applied)."""
+        """Validate user options; return the full option dict (defaults filled in, alias pins applied).
+
+        Score-based kinds also take ``score_scale``: one number, or one per query head, multiplying the scores
+        before the kind's map (a temperature; what ``attnswap.calibrate`` fits)."""
+        options = dict(options)
+        scale = options.pop(SCORE_SCALE, None)
+        if scale is not None and not self.uses_scores:
+            raise AttnSwapError(f"option {SCORE_SCALE!r} needs scores, and attention kind {self.name!r} has none")
         schema = {o.name: o for o in self.options if o.name not in self.fixed}
         unknown = sorted(set(options) - set(schema))
         if unknown:
@@ -80,7 +87,29 @@ class Kind:
             )
         resolved = {n: o.validate(self.name, options.get(n, o.default)) for n, o in schema.items()}
         resolved.update(self.fixed)
+        if scale is not None:
+            resolved[SCORE_SCALE] = validate_score_scale(self.name, scale)
         return resolved
+
+
+SCORE_SCALE = "score_scale"
+
+
+def validate_score_scale(kind: str, value):
+    """A positive number, or a sequence/1D tensor of positive numbers (one per query head) -> float or tuple."""
+    where = f"option {SCORE_SCALE!r} of attention kind {kind!r}"
+    if hasattr(value, "tolist"):
+        value = value.tolist()
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        values, single = [float(value)], True
+    elif isinstance(value, (list, tuple)) and value and all(
+            isinstance(v, numbers.Real) and not isinstance(v, bool) for v in value):
+        values, single = [float(v) for v in value], False
+    else:
+        raise AttnSwapError(f"{where} must be a number > 0 or a list of them (one per query head), got {value!r}")
+    if not all(v > 0 and v < float("inf") for v in values):
+        raise AttnSwapError(f"{where} must be finite and > 0, got {value!r}")
+    return values[0] if single else tuple(values)
 
 
 _KINDS: dict[str, Kind] = {}

@@ -35,6 +35,16 @@ def default_text(max_chars: int | None = None) -> str:
     return text[:max_chars] if max_chars else text
 
 
+CALIBRATION_CHARS = 30_000
+
+
+def calibration_text(max_chars: int = CALIBRATION_CHARS) -> str:
+    """The last ``max_chars`` characters of the default corpus: text for calibration and attention transfer,
+    disjoint from the evaluation text, which is read from the start (as long as it is shorter than the rest)."""
+    text = default_text()
+    return text[-max_chars:]
+
+
 def load_text(text_file: str | None = None, dataset: str | None = None) -> tuple[str, str]:
     """(text, description) from a file, a ``datasets`` name ``name[:config[:split]]`` (e.g.
     ``wikitext:wikitext-2-raw-v1:test``, used when reachable or cached), or the offline default corpus."""

@@ -33,11 +33,45 @@ def load_model(path: str | None = None, *, dtype: str = "float32", device: str =
 
 @contextlib.contextmanager
 def applied(model, spec: AttnSpec):
-    if spec.kind is None:
+    if spec.swap_dir is not None:
+        from ..adapt.saving import load_swap
+
+        handle = load_swap(model, spec.swap_dir)
+    elif spec.calibrated and spec.fitted is not None:
+        from ..patches.swap import swap_attention
+
+        handle = swap_attention(model, spec.kind, layers=spec.layers, layer_options=spec.fitted, **spec.options)
+    elif spec.calibrated:
+        from ..adapt.calibrate import calibrate
+
+        if spec.calibration_ids is None:
+            raise AttnSwapError(f"{spec.label}: no calibration text was given")
+        handle = calibrate(model, spec.kind, spec.calibration_ids, layers=spec.layers, **spec.options)
+        spec.fitted = handle.layer_options
+    elif spec.kind is None:
         yield None
+        return
     else:
         with swapped(model, spec.kind, layers=spec.layers, **spec.options) as handle:
             yield handle
+        return
+    try:
+        yield handle
+    finally:
+        handle.restore()
+
+
+def calibration_ids(tokenizer, specs: list[AttnSpec], text: str | None = None) -> None:
+    """Give the specs that calibrate their calibration tokens: ``text`` or the offline calibration text (the end of
+    the default corpus, disjoint from the evaluation text at its start)."""
+    if not any(spec.calibrated for spec in specs):
+        return
+    from .corpus import calibration_text
+
+    ids = tokenizer(text or calibration_text(), return_tensors="pt").input_ids
+    for spec in specs:
+        if spec.calibrated:
+            spec.calibration_ids = ids
 
 
 def tokenize(tokenizer, text: str, max_tokens: int | None = None) -> torch.Tensor:

@@ -17,13 +17,19 @@ class AttnSpec:
     kind: str | None
     options: dict = field(default_factory=dict)
     layers: list[int] | None = None
+    calibrated: bool = False  # fit per-head score scales first (attnswap.calibrate) on ``calibration_ids``
+    swap_dir: str | None = None  # a swap saved with attnswap.save_swap
+    calibration_ids: Any = None
+    fitted: Any = None  # the calibrated per-layer options, once fitted (reused by later evaluations)
 
     @property
     def label(self) -> str:
+        if self.swap_dir is not None:
+            return f"saved {self.swap_dir}"
         if self.kind is None:
             return "model's own"
         opts = "".join(f" {k}={v}" for k, v in self.options.items())
-        return f"{self.kind}{opts}"
+        return f"{self.kind}{opts}" + (" calibrated" if self.calibrated else "")
 
 
 _LAYER_ITEM = re.compile(r"^\s*(\d+)\s*(?:-\s*(\d+)\s*)?$")
@@ -39,19 +45,32 @@ def _number(text: str):
 
 
 def parse_attn(spec: str, layers: list[int] | None = None) -> list[AttnSpec]:
-    """``"softmax,topk:k=64,entmax:alpha=1.5"`` -> specs, each validated against the kind's options."""
+    """``"softmax,topk:k=64,entmax:alpha=1.5"`` -> specs, each validated against the kind's options.
+
+    ``kind:...:calibrated`` fits per-head score scales first (``attnswap.calibrate``); ``saved:DIR`` loads a swap
+    saved with ``attnswap.save_swap`` (or ``attnswap calibrate --out DIR``)."""
     out = []
     for item in filter(None, (s.strip() for s in (spec or "").split(","))):
         name, _, rest = item.partition(":")
-        options = {}
+        if name == "saved":  # saved:DIR, a swap written by attnswap.save_swap / attnswap calibrate
+            if not rest:
+                raise AttnSwapError(f"malformed attention spec {item!r}: write saved:DIR")
+            out.append(AttnSpec(None, {}, layers, swap_dir=rest))
+            continue
+        options, calibrated = {}, False
         for pair in filter(None, rest.split(":")):
+            if pair == "calibrated":
+                calibrated = True
+                continue
             key, eq, value = pair.partition("=")
             if not eq or not key:
                 raise AttnSwapError(f"malformed attention spec {item!r}: write kind or kind:option=value[:option=value], "
                                     "e.g. topk:k=64")
             options[key] = _number(value)
-        registry.resolve(name, options)  # unknown kind / option -> a clear error now, not mid-run
-        out.append(AttnSpec(name, options, layers))
+        kind, _ = registry.resolve(name, options)  # unknown kind / option -> a clear error now, not mid-run
+        if calibrated and not kind.uses_scores:
+            raise AttnSwapError(f"attention spec {item!r}: kind {name!r} has no scores to calibrate")
+        out.append(AttnSpec(name, options, layers, calibrated=calibrated))
     if not out:
         raise AttnSwapError(f"empty attention spec {spec!r}; e.g. softmax,topk:k=64,entmax:alpha=1.5")
     return out

@@ -22,7 +22,9 @@ from contextvars import ContextVar
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache, DynamicLayer
 
+from ..dispatch import scale_queries
 from ..errors import AttnSwapError
+from ..registry import SCORE_SCALE
 from .masks import model_visibility
 
 _PENDING: ContextVar = ContextVar("attnswap_state_layer", default=None)
@@ -218,8 +220,7 @@ def state_attention(layer: StateLayer, spec, query, key, value, attention_mask, 
     if need_weights:
         raise AttnSwapError("a StateCache returns no attention weights; use a DynamicCache with output_attentions")
     b, hq, q, _ = query.shape
-    hkv, dv = key.shape[1], value.shape[-1]
-    groups = hq // hkv
+    groups = hq // key.shape[1]
     phi, eps, sink_weight = kind.state_features(scaling, spec.options)
     new_mask, real = _split_mask(attention_mask, layer, b, q)
     if layer.state is None and layer.seen == 0:
@@ -228,6 +229,8 @@ def state_attention(layer: StateLayer, spec, query, key, value, attention_mask, 
         vis = model_visibility(vis_mask, query, key, is_causal=is_causal, native=spec.native)
         out = run_attention(vis)
     else:
+        if SCORE_SCALE in spec.options:  # a calibrated temperature, as dispatch.run applies it
+            query = scale_queries(query, spec.options[SCORE_SCALE])
         out = _with_state(layer, phi, eps, sink_weight, sinks, query, key, value, new_mask, is_causal, groups)
     _fold(layer, phi, key, value, real)
     return out

@@ -94,8 +94,10 @@ def _select_layers(layers, count: int) -> list[int]:
 class SwapHandle:
     """What ``swap_attention`` did to a model; ``restore()`` (or leaving a ``with`` block) undoes it."""
 
-    def __init__(self, model, kind: Kind, options: dict, layers: list[int], impl: str, targets: list):
+    def __init__(self, model, kind: Kind, options: dict, layers: list[int], impl: str, targets: list,
+                 layer_options: dict | None = None):
         self.model, self.kind, self.options, self.layers, self.impl = model, kind, options, layers, impl
+        self.layer_options = dict(layer_options or {})  # layer -> resolved options where they differ (calibration)
         self._targets = [targets[i] for i in layers]
         self._entries = []  # (module, route, saved) while active
         self._generation_cache = None  # what install_generation_cache saved
@@ -107,7 +109,7 @@ class SwapHandle:
 
     def _activate(self) -> None:
         restore_attention(self.model)
-        for _, module, route in self._targets:
+        for index, (_, module, route) in zip(self.layers, self._targets):
             native = getattr(getattr(module, "config", None), "_attn_implementation", None)
             if route == "interface":
                 saved = module.config
@@ -117,7 +119,8 @@ class SwapHandle:
             else:
                 saved, fn = legacy.patch_for(module)
                 legacy.apply(module, saved, fn)
-            module._attnswap_spec = Spec(kind=self.kind, options=self.options, native=native, impl=self.impl)
+            options = self.layer_options.get(index, self.options)
+            module._attnswap_spec = Spec(kind=self.kind, options=options, native=native, impl=self.impl)
             self._entries.append((module, route, saved))
         if self.kind.state_features is not None:  # generate() keeps a running state instead of K/V
             self._generation_cache = state_cache.install_generation_cache(self.model)
@@ -146,22 +149,50 @@ class SwapHandle:
     def __exit__(self, *exc):
         self.restore()
 
+    def options_of(self, layer: int) -> dict:
+        """The resolved options layer ``layer`` runs with (calibrated ones included)."""
+        if layer not in self.layers:
+            raise AttnSwapError(f"layer {layer} is not swapped; swapped layers: {self.layers}")
+        return dict(self.layer_options.get(layer, self.options))
+
     def __repr__(self):
         state = "active" if self.active else "restored"
-        return f"SwapHandle(kind={self.kind.name!r}, options={self.options}, layers={self.layers}, {state})"
+        tuned = f", {len(self.layer_options)} layers with their own options" if self.layer_options else ""
+        return f"SwapHandle(kind={self.kind.name!r}, options={self.options}, layers={self.layers}{tuned}, {state})"
 
 
-def swap_attention(model: torch.nn.Module, kind: str, *, layers=None, impl: str = "auto", **options) -> SwapHandle:
+def swap_attention(model: torch.nn.Module, kind: str, *, layers=None, impl: str = "auto", layer_options=None,
+                   calibrate=None, **options) -> SwapHandle:
     """Swap the attention of ``model`` (in place) for ``kind`` with ``options``; returns a handle that undoes it.
 
     ``layers``: indices of the attention layers to swap (model order); the rest keep the model's own attention.
+    ``layer_options``: {layer: {option: value}} for layers that differ from ``options`` (e.g. a per-head
+    ``score_scale``). ``calibrate``: token ids (or text, with the model's tokenizer passed as
+    ``calibrate=(text, tokenizer)``, or a dict of ``attnswap.calibrate``'s arguments with ``data``) to fit
+    per-layer, per-head score scales on (see ``attnswap.calibrate``).
     Swapping a swapped model replaces the earlier swap.
     """
+    if calibrate is not None:
+        from ..adapt.calibrate import calibrate as fit
+
+        if isinstance(calibrate, dict):  # {"data": ..., "tokenizer": ..., "window": ..., "max_windows": ...}
+            settings = dict(calibrate)
+            data = settings.pop("data", None)
+        else:
+            data, tokenizer = calibrate if isinstance(calibrate, tuple) else (calibrate, None)
+            settings = {"tokenizer": tokenizer}
+        return fit(model, kind, data, layers=layers, impl=impl, **settings, **options)
     kind_obj, resolved = registry.resolve(kind, options)
     if impl not in IMPLS:
         raise AttnSwapError(f"impl must be one of {list(IMPLS)}, got {impl!r}")
     targets = find_attention(model)
-    handle = SwapHandle(model, kind_obj, resolved, _select_layers(layers, len(targets)), impl, targets)
+    chosen = _select_layers(layers, len(targets))
+    per_layer = {}
+    for index, extra in (layer_options or {}).items():
+        if index not in chosen:
+            raise AttnSwapError(f"layer_options names layer {index!r}, which is not swapped; swapped layers: {chosen}")
+        per_layer[int(index)] = kind_obj.resolve({**options, **extra})
+    handle = SwapHandle(model, kind_obj, resolved, chosen, impl, targets, per_layer)
     handle._activate()
     return handle
 

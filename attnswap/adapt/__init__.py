@@ -1,0 +1,2 @@
+"""Making a swap usable on a pretrained model: training-free calibration (``calibrate``) and saving/loading a
+swap beside the model (``saving``)."""

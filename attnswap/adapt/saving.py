@@ -1,0 +1,95 @@
+"""A swap saved beside the model: ``save_swap(model, dir)`` writes ``attnswap_swap.json`` (kind, options, layers,
+per-layer options such as calibrated score scales, and a fingerprint of the model), ``load_swap(model, dir)``
+checks the fingerprint and swaps the model the same way."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+
+from ..errors import AttnSwapError
+
+FILENAME = "attnswap_swap.json"
+FORMAT = 1
+_CONFIG_KEYS = ("model_type", "num_hidden_layers", "hidden_size", "num_attention_heads", "num_key_value_heads",
+                "head_dim", "vocab_size")
+
+
+def fingerprint(model) -> dict:
+    """What identifies the model a swap was fitted on: its config's shape and a checksum of a few weights."""
+    config = getattr(model, "config", None)
+    shape = {k: getattr(config, k, None) for k in _CONFIG_KEYS}
+    params = [p for _, p in sorted(model.named_parameters())][:8]
+    checksum = [float(p.detach().double().abs().sum()) for p in params]
+    return {"config": shape, "weights": checksum}
+
+
+def _same_weights(a, b) -> bool:
+    return len(a) == len(b) and all(math.isclose(x, y, rel_tol=1e-3, abs_tol=1e-6) for x, y in zip(a, b))
+
+
+def save_swap(model, directory) -> Path:
+    """Write the model's current swap to ``directory/attnswap_swap.json``; returns the file's path."""
+    from ..patches.swap import current_swap
+
+    from .. import __version__
+
+    handle = current_swap(model)
+    if handle is None or not handle.active:
+        raise AttnSwapError("save_swap: the model is not swapped; swap (or calibrate) it first")
+    path = Path(directory)
+    path.mkdir(parents=True, exist_ok=True)
+    record = {
+        "format": FORMAT, "attnswap": __version__, "kind": handle.kind.name,
+        "options": _plain(handle.options), "layers": handle.layers, "impl": handle.impl,
+        "layer_options": {str(i): _plain(o) for i, o in handle.layer_options.items()},
+        "calibration": getattr(handle, "calibration", None), "model": fingerprint(model),
+    }
+    target = path / FILENAME
+    target.write_text(json.dumps(record, indent=1))
+    return target
+
+
+def load_swap(model, directory, *, impl: str | None = None):
+    """Swap ``model`` as saved in ``directory`` (by ``save_swap``); returns the handle."""
+    from ..patches.swap import swap_attention
+
+    target = Path(directory) / FILENAME
+    if not target.is_file():
+        raise AttnSwapError(f"load_swap: no saved swap in {str(directory)!r} (expected {FILENAME}); save one with "
+                            "attnswap.save_swap(model, dir)")
+    record = json.loads(target.read_text())
+    if record.get("format") != FORMAT:
+        raise AttnSwapError(f"load_swap: {target} has format {record.get('format')!r}; this attnswap reads {FORMAT}")
+    saved, here = record["model"], fingerprint(model)
+    if saved["config"] != here["config"]:
+        diff = {k: (saved["config"].get(k), here["config"].get(k)) for k in _CONFIG_KEYS
+                if saved["config"].get(k) != here["config"].get(k)}
+        raise AttnSwapError(f"load_swap: the swap in {str(directory)!r} was saved from another model "
+                            f"(saved vs this model: {diff})")
+    if not _same_weights(saved["weights"], here["weights"]):
+        raise AttnSwapError(f"load_swap: the swap in {str(directory)!r} was saved from a model with other weights "
+                            "(same architecture); calibrate this model again")
+    options = record["options"]
+    per_layer = {int(i): _strip_fixed(record["kind"], o) for i, o in record["layer_options"].items()}
+    handle = swap_attention(model, record["kind"], layers=record["layers"], impl=impl or record["impl"],
+                            layer_options=per_layer, **_strip_fixed(record["kind"], options))
+    if record.get("calibration") is not None:
+        handle.calibration = record["calibration"]
+    return handle
+
+
+def _strip_fixed(kind: str, options: dict) -> dict:
+    """Options an alias pins (sparsemax's alpha) are not options the user may pass."""
+    from .. import registry
+
+    fixed = registry.get(kind).fixed
+    return {k: (tuple(v) if isinstance(v, list) else v) for k, v in options.items() if k not in fixed}
+
+
+def _plain(options: dict) -> dict:
+    return {k: (list(v) if isinstance(v, tuple) else (v.tolist() if isinstance(v, torch.Tensor) else v))
+            for k, v in options.items()}

@@ -26,6 +26,7 @@ from .patches.interface import register_all as _register_all
 from .patches.state_cache import StateCache
 from .adapt.calibrate import calibrate
 from .adapt.saving import load_swap, save_swap
+from .adapt.transfer import transfer
 
 _register_all()
 
@@ -43,4 +44,5 @@ __all__ = [
     "save_swap",
     "swap_attention",
     "swapped",
+    "transfer",
 ]

@@ -58,7 +58,8 @@ def run_eval(args, what: set[str]) -> int:
     device = _distributed_setup(args.device)
     main = _main_process()
     model, tokenizer = runner.load_model(args.model, dtype=args.dtype, device=device)
-    runner.calibration_ids(tokenizer, specs)
+    runner.calibration_ids(tokenizer, specs, window=args.fit_window, max_windows=args.fit_windows,
+                           steps=args.transfer_steps)
     writer = ResultsWriter(args.out) if main else None
     say = print if main else (lambda *a, **k: None)
     tables = []
@@ -122,42 +123,64 @@ def cmd_demo(args) -> int:
     return run_eval(args, {"ppl", "entropy", "latency"})
 
 
-CALIBRATION_COLUMNS = [("layer", "layer", None), ("error_before", "output error before", ".4f"),
-                       ("error_after", "after", ".4f"), ("scales", "score scales (per head)", None)]
+ADAPT_COLUMNS = {"calibrate": [("layer", "layer", None), ("error_before", "output error before", ".4f"),
+                                ("error_after", "after", ".4f"), ("scales", "score scales (per head)", None)],
+                 "transfer": [("layer", "layer", None), ("error_before", "output error before", ".4f"),
+                              ("error_after", "after", ".4f")]}
 
 
-def cmd_calibrate(args) -> int:
+def cmd_adapt(args) -> int:
+    """``attnswap calibrate`` / ``attnswap transfer``: fit on the calibration text, print per-layer errors, save."""
     import time
-
-    from .errors import AttnSwapError
 
     from . import save_swap
     from .adapt.calibrate import calibrate
+    from .adapt.transfer import transfer
+    from .errors import AttnSwapError
     from .evals import runner
     from .evals.corpus import calibration_text, load_text
     from .evals.report import format_table
     from .evals.specs import parse_attn, parse_layers
 
+    what = args.command
     specs = parse_attn(args.attn, parse_layers(args.layers))
     if len(specs) != 1 or specs[0].kind is None:
-        raise AttnSwapError(f"attnswap calibrate takes one kind, e.g. --attn entmax:alpha=1.5; got {args.attn!r}")
+        raise AttnSwapError(f"attnswap {what} takes one kind, e.g. --attn {args.example}; got {args.attn!r}")
     spec = specs[0]
     text = load_text(args.text_file, args.dataset)[0] if (args.text_file or args.dataset) else calibration_text()
     model, tokenizer = runner.load_model(args.model, dtype=args.dtype, device=args.device)
     ids = runner.tokenize(tokenizer, text)
+    settings = dict(layers=spec.layers, window=args.window, max_windows=args.windows, progress=True)
+    if what == "transfer":
+        settings.update(steps=args.steps, lr=args.lr)
     start = time.perf_counter()
-    handle = calibrate(model, spec.kind, ids, layers=spec.layers, window=args.window, max_windows=args.windows,
-                       progress=True, **spec.options)
+    handle = (calibrate if what == "calibrate" else transfer)(model, spec.kind, ids, **settings, **spec.options)
     seconds = time.perf_counter() - start
-    rows = [{"layer": i, **r, "scales": " ".join(f"{x:.2f}" for x in r["score_scale"])}
-            for i, r in handle.calibration["layers"].items()]
-    print(format_table(rows, CALIBRATION_COLUMNS))
+    report = handle.calibration if what == "calibrate" else handle.transfer
+    rows = [{"layer": i, **r, "scales": " ".join(f"{x:.2f}" for x in r.get("score_scale", ()))}
+            for i, r in report["layers"].items()]
+    print(format_table(rows, ADAPT_COLUMNS[what]))
     path = save_swap(model, args.out)
-    cal = handle.calibration
-    print(f"calibrated {spec.kind} on {cal['tokens']} tokens ({cal['window']}-token windows) in {seconds:.1f} s: "
-          f"mean output error {cal['mean_error_before']:.4f} -> {cal['mean_error_after']:.4f}; wrote {path}")
-    print(f"evaluate it with: attnswap eval ppl --attn saved:{args.out}")
+    steps = f", {report['steps']} steps per layer" if what == "transfer" else ""
+    print(f"{what}: {spec.kind} on {report['tokens']} tokens ({report['window']}-token windows){steps} in "
+          f"{seconds:.1f} s: mean output error {report['mean_error_before']:.4f} -> {report['mean_error_after']:.4f}; "
+          f"wrote {path}")
+    print(f"evaluate it with: attnswap eval ppl --attn {args.attn},saved:{args.out}")
     return 0
+
+
+def _add_adapt_args(p, *, example: str, windows: int) -> None:
+    p.add_argument("--attn", required=True, help=f"one kind with its options, e.g. {example}")
+    p.add_argument("--out", required=True, help="folder to save the swap in (attnswap_swap.json)")
+    p.add_argument("--model", default=None, help="a Hugging Face model folder (default: SmolLM2-135M-Instruct)")
+    p.add_argument("--layers", default=None, help="swap only these layers, e.g. 4-29 (default: all)")
+    p.add_argument("--text-file", default=None, help="the text to fit on (default: the end of the offline corpus)")
+    p.add_argument("--dataset", default=None, help="the text to fit on, from a datasets name")
+    p.add_argument("--window", type=int, default=512, help="tokens per sequence")
+    p.add_argument("--windows", type=int, default=windows, help="sequences (token budget = window x windows)")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    p.set_defaults(fn=cmd_adapt, example=example)
 
 
 def cmd_lm_eval(args, rest: list[str]) -> int:
@@ -188,6 +211,11 @@ def _add_eval_args(p, *, demo: bool = False) -> None:
     p.add_argument("--contexts", type=_csv_ints, default=[128, 256] if demo else [512, 1024, 2048])
     p.add_argument("--batch-sizes", type=_csv_ints, default=[1])
     p.add_argument("--new-tokens", type=int, default=8 if demo else 32)
+    p.add_argument("--fit-window", type=int, default=None,
+                   help="tokens per sequence for kind:...:calibrated / :transferred rows (default 512)")
+    p.add_argument("--fit-windows", type=int, default=None,
+                   help="sequences for those rows (default: 2 to calibrate, 8 to transfer)")
+    p.add_argument("--transfer-steps", type=int, default=None, help="Adam steps per layer for :transferred rows")
     p.add_argument("--repeats", type=int, default=1 if demo else 3)
     p.add_argument("--dtype", default="float32")
     p.add_argument("--device", default="cuda" if _cuda() else "cpu")
@@ -217,17 +245,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval_args(p, demo=True)
     p.set_defaults(fn=cmd_demo)
     p = sub.add_parser("calibrate", help="fit per-layer, per-head score scales of a kind and save the swap")
-    p.add_argument("--attn", required=True, help="one score-based kind, e.g. entmax:alpha=1.5, sparsemax, topk:k=64")
-    p.add_argument("--out", required=True, help="folder to save the swap in (attnswap_swap.json)")
-    p.add_argument("--model", default=None, help="a Hugging Face model folder (default: SmolLM2-135M-Instruct)")
-    p.add_argument("--layers", default=None, help="swap only these layers, e.g. 4-29 (default: all)")
-    p.add_argument("--text-file", default=None, help="calibration text (default: the end of the offline corpus)")
-    p.add_argument("--dataset", default=None, help="calibration text from a datasets name")
-    p.add_argument("--window", type=int, default=512, help="tokens per calibration sequence")
-    p.add_argument("--windows", type=int, default=2, help="calibration sequences")
-    p.add_argument("--dtype", default="float32")
-    p.add_argument("--device", default="cuda" if _cuda() else "cpu")
-    p.set_defaults(fn=cmd_calibrate)
+    _add_adapt_args(p, example="entmax:alpha=1.5", windows=2)
+    p = sub.add_parser("transfer", help="learn query/key maps for linear or taylor (attention transfer), save the swap")
+    _add_adapt_args(p, example="linear", windows=8)
+    p.add_argument("--steps", type=int, default=300, help="Adam steps per layer")
+    p.add_argument("--lr", type=float, default=3e-3)
     sub.add_parser("lm-eval", help="lm-evaluation-harness with model 'attnswap' (arguments go to lm-eval)",
                    add_help=False)
     return parser

@@ -39,9 +39,8 @@ def run(kind: Kind, options: dict, query, key, value, vis: Visibility, *, scalin
         warn_once((kind.name, "sinks"), f"kind {kind.name!r} has no scores: the model's attention sinks do not apply")
     if kind.uses_scores and sinks is not None and sinks.shape != (query.shape[1],):
         raise AttnSwapError(f"sinks must have shape (Hq,) = ({query.shape[1]},), got {tuple(sinks.shape)}")
-    if registry.SCORE_SCALE in options:  # a temperature on the scores: the same as scaling the queries, any path
-        options = dict(options)
-        query = scale_queries(query, options.pop(registry.SCORE_SCALE))
+    if registry.SCORE_SCALE in options or registry.FEATURE_PROJ in options:  # learned/fitted, on every path
+        query, key, options = prepare_qk(options, query, key)
     tap = current_tap()
     if tap is not None:
         tap(module, query, key, value, vis, scaling=scaling, softcap=softcap, sinks=sinks)
@@ -77,6 +76,35 @@ def run(kind: Kind, options: dict, query, key, value, vis: Visibility, *, scalin
             warn_once((kind.name, why), f"attnswap: kind {kind.name!r} falls back to the PyTorch reference: {why}")
     out, weights = kind.forward(query, key, value, vis, **kw, **options)
     return out.to(query.dtype), (weights.to(query.dtype) if weights is not None else None)
+
+
+def prepare_qk(options: dict, query: torch.Tensor, key: torch.Tensor):
+    """Apply the options that act on the inputs rather than on the kind: a learned ``feature_proj`` on queries and
+    keys, then a ``score_scale`` on the queries. Returns (query, key, the remaining options)."""
+    options = dict(options)
+    projection = options.pop(registry.FEATURE_PROJ, None)
+    if projection is not None:
+        query, key = project(projection, query, key)
+    scale = options.pop(registry.SCORE_SCALE, None)
+    if scale is not None:
+        query = scale_queries(query, scale)
+    return query, key, options
+
+
+def project(projection, query: torch.Tensor, key: torch.Tensor):
+    """query (b, Hq, n, d), key (b, Hkv, m, d) -> both through the per-KV-head map (in fp32, back to their dtype)."""
+    weight, bias = projection.weight, projection.bias
+    b, hq, n, d = query.shape
+    hkv = key.shape[1]
+    if weight.shape != (hkv, d, d):
+        raise AttnSwapError(f"feature_proj has weight {tuple(weight.shape)}, but this attention has {hkv} KV heads "
+                            f"of dim {d} (needs ({hkv}, {d}, {d}))")
+    w = weight.to(query.device, torch.float32).transpose(-1, -2)  # x @ W.T
+    bias = bias.to(query.device, torch.float32)
+    qg = query.float().reshape(b, hkv, hq // hkv, n, d)
+    q2 = (torch.matmul(qg, w[None, :, None]) + bias[None, :, None, None]).reshape(b, hq, n, d)
+    k2 = torch.matmul(key.float(), w[None]) + bias[None, :, None]
+    return q2.to(query.dtype), k2.to(key.dtype)
 
 
 def scale_queries(query: torch.Tensor, scale) -> torch.Tensor:

@@ -75,6 +75,10 @@ class Kind:
         before the kind's map (a temperature; what ``attnswap.calibrate`` fits)."""
         options = dict(options)
         scale = options.pop(SCORE_SCALE, None)
+        projection = options.pop(FEATURE_PROJ, None)
+        if projection is not None and not isinstance(projection, FeatureProjection):
+            raise AttnSwapError(f"option {FEATURE_PROJ!r} must be an attnswap.registry.FeatureProjection (what "
+                                f"attnswap.transfer learns), got {type(projection).__name__}")
         if scale is not None and not self.uses_scores:
             raise AttnSwapError(f"option {SCORE_SCALE!r} needs scores, and attention kind {self.name!r} has none")
         schema = {o.name: o for o in self.options if o.name not in self.fixed}
@@ -89,7 +93,25 @@ class Kind:
         resolved.update(self.fixed)
         if scale is not None:
             resolved[SCORE_SCALE] = validate_score_scale(self.name, scale)
+        if projection is not None:
+            resolved[FEATURE_PROJ] = projection
         return resolved
+
+
+FEATURE_PROJ = "feature_proj"
+
+
+@dataclass(eq=False)
+class FeatureProjection:
+    """A learned map applied to queries and keys before a kind (attention transfer): per KV head ``h``,
+    ``x -> x @ weight[h].T + bias[h]`` for its keys and for the queries of its GQA group. weight (Hkv, d, d),
+    bias (Hkv, d); identity-initialised by ``attnswap.transfer``."""
+
+    weight: Any
+    bias: Any
+
+    def __repr__(self):
+        return f"FeatureProjection(heads={self.weight.shape[0]}, dim={self.weight.shape[-1]})"
 
 
 SCORE_SCALE = "score_scale"

@@ -142,3 +142,135 @@ def parse_dtype(name: str):
     if name not in DTYPES:
         raise SystemExit(f"--dtype must be one of {sorted(DTYPES)}, got {name!r}")
     return getattr(torch, DTYPES[name])
+
+
+# ---------------------------------------------------------------- shared by the attention benchmark scripts
+
+def bench_parser(description: str, lengths_help: str):
+    """The options every attention benchmark takes: device, dtype, lengths, repeats, warmup, smoke, out, no-record
+    (the script adds its own)."""
+    import argparse
+
+    import torch
+
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda | cpu")
+    ap.add_argument("--dtype", default=None, help="bfloat16 (GPU default) | float16 | float32 (CPU default)")
+    ap.add_argument("--lengths", default=None, help=lengths_help)
+    ap.add_argument("--repeats", type=int, default=None, help="timed calls per measurement (median); GPU 10, CPU 3")
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--impl", default=None, help="triton (GPU default) | torch (CPU default) | auto")
+    ap.add_argument("--smoke", action="store_true", help="tiny sizes that finish in seconds on a CPU")
+    ap.add_argument("--out", default=None, help="folder of the JSON lines (default benchmarks/results)")
+    ap.add_argument("--no-record", action="store_true")
+    return ap
+
+
+def settle_args(args, *, gpu_lengths: str, cpu_lengths: str, smoke_lengths: str) -> bool:
+    """Check ``--device`` and fill the shared defaults (``--smoke``: its lengths, 1 repeat, no warmup); parse
+    lengths and dtype, check ``--impl``. Returns whether the run is on a GPU."""
+    import torch
+
+    on_gpu = args.device.startswith("cuda")
+    if on_gpu and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA GPU here; use --device cpu")
+    if args.smoke:
+        args.lengths = args.lengths or smoke_lengths
+        args.repeats = args.repeats or 1
+        args.warmup = 0
+    args.lengths = parse_lengths(args.lengths or (gpu_lengths if on_gpu else cpu_lengths))
+    args.repeats = args.repeats or (10 if on_gpu else 3)
+    args.dtype = parse_dtype(args.dtype or ("bfloat16" if on_gpu else "float32"))
+    args.impl = args.impl or ("triton" if on_gpu else "torch")
+    if args.impl not in ("triton", "torch", "auto"):
+        raise SystemExit(f"--impl must be triton, torch or auto, got {args.impl!r}")
+    return on_gpu
+
+
+def choices(flag: str, text: str, valid: tuple) -> list[str]:
+    """``"a,b"`` -> ["a", "b"], each one of ``valid``; a SystemExit naming the valid choices otherwise."""
+    picked = [p for p in text.split(",") if p]
+    bad = [p for p in picked if p not in valid]
+    if bad:
+        raise SystemExit(f"{flag}: unknown {bad}; valid choices: {','.join(valid)}")
+    return picked
+
+
+def kernel_missing(kind: str, impl: str, device: str) -> str | None:
+    """Why ``attnswap.attention(..., impl=impl)`` cannot run ``kind`` (or the kind it aliases) as a kernel here,
+    or None when it can."""
+    if impl == "torch":
+        return None
+    from attnswap import registry
+
+    entry = registry.get(kind)
+    base = registry.get(entry.alias_of) if entry.alias_of else entry
+    if base.kernel is None:
+        return f"no Triton kernel for {kind!r} yet (attnswap/kernels/{base.name}.py is missing)"
+    if not device.startswith("cuda") and impl == "triton" and os.environ.get("TRITON_INTERPRET") != "1":
+        return "impl='triton' on a CPU needs TRITON_INTERPRET=1 (the Triton interpreter)"
+    return None
+
+
+def error_text(err: BaseException) -> str:
+    """``"OOM"`` for an out-of-memory error, else the error's type and the start of its message."""
+    return "OOM" if is_oom(err) else f"{type(err).__name__}: {str(err)[:160]}"
+
+
+def attempt(fn, device: str, args) -> dict:
+    """{ms, peak_mem_mb} of ``measure(fn)`` with ``--warmup``/``--repeats``, or those as None and the error."""
+    try:
+        ms, peak = measure(fn, device, warmup=args.warmup, repeats=args.repeats)
+        return {"ms": ms, "peak_mem_mb": peak}
+    except Exception as err:  # noqa: BLE001
+        if device.startswith("cuda"):
+            import torch
+
+            torch.cuda.empty_cache()
+        return {"ms": None, "peak_mem_mb": None, "error": error_text(err)}
+
+
+def sdpa_run(q, k, v, device: str):
+    """torch SDPA, causal (the flash backend on a GPU); K/V are expanded for GQA outside the timed call."""
+    import torch.nn.functional as F
+
+    groups = q.shape[1] // k.shape[1]
+    if groups > 1:
+        k, v = (t.repeat_interleave(groups, dim=1) for t in (k, v))
+
+    def run():
+        if device.startswith("cuda"):
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+
+            with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    return run
+
+
+def emitter(args, label: str, rows: list, *, widths: tuple[int, int], vs: str):
+    """``emit(row)``: add device and dtype, record it (unless ``--no-record``), keep it in ``rows``, print one line
+    (kind and impl padded to ``widths``, the speedup after ``vs``)."""
+    dtype_name = str(args.dtype).replace("torch.", "")
+
+    def emit(row):
+        row = dict(row, device=label, dtype=dtype_name)
+        if not args.no_record:
+            row = record(label, out_dir=args.out, **row)
+        rows.append(row)
+        ms = f"{row['ms']:.3f} ms" if row.get("ms") else row.get("error", "-")
+        sp = f"{row['speedup']:.2f}x" if row.get("speedup") else "-"
+        print(f"{row['mode']:7s} {row['kind']:{widths[0]}s} {row['impl']:{widths[1]}s} n={row['n']:<6d} {ms:>12s} "
+              f"{vs} {sp}", flush=True)
+
+    return emit
+
+
+def summary(rows: list, table, args, label: str) -> None:
+    """Print the rows as a table and where they were appended."""
+    from attnswap.evals.report import format_table
+
+    print(format_table(rows, table))
+    where = Path(args.out) if args.out else RESULTS
+    print(f"{len(rows)} rows" + ("" if args.no_record else f" appended to {where / (label + '.jsonl')}"))

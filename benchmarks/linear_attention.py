@@ -27,10 +27,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import device_label, is_oom, measure, parse_dtype, parse_lengths, record, with_speedup  # noqa: E402
+from common import (attempt, bench_parser, choices, device_label, emitter, error_text, kernel_missing,  # noqa: E402
+                    parse_lengths, sdpa_run, settle_args, summary, with_speedup)
 
 import attnswap  # noqa: E402
-from attnswap import registry  # noqa: E402
 
 BENCH = "linear_attention"
 GPU_LENGTHS, CPU_LENGTHS, SMOKE_LENGTHS = "1k,2k,4k,8k,16k,32k,64k", "1024,4096,16384", "64"
@@ -41,19 +41,12 @@ TABLE = [("mode", "mode"), ("kind", "kind"), ("impl", "impl"), ("n", "N / contex
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    cuda = torch.cuda.is_available()
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--device", default="cuda" if cuda else "cpu", help="cuda | cpu")
-    ap.add_argument("--dtype", default=None, help="bfloat16 (GPU default) | float16 | float32 (CPU default)")
-    ap.add_argument("--lengths", default=None, help=f"prefill N; default {GPU_LENGTHS} on GPU, {CPU_LENGTHS} on CPU")
+    ap = bench_parser(__doc__.splitlines()[0], f"prefill N; default {GPU_LENGTHS} on GPU, {CPU_LENGTHS} on CPU")
     ap.add_argument("--decode-lengths", default=None,
                     help=f"decode context L; default {GPU_DECODE} on GPU, {CPU_DECODE} on CPU")
-    ap.add_argument("--repeats", type=int, default=None, help="timed calls per measurement (median); GPU 10, CPU 3")
-    ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
     ap.add_argument("--modes", default="prefill,decode", help="prefill,decode")
     ap.add_argument("--kinds", default="linear,taylor", help="linear,taylor")
-    ap.add_argument("--impl", default=None, help="prefill path of the kinds: triton (GPU default) | torch (CPU) | auto")
     ap.add_argument("--form", default="auto", choices=("auto", "quadratic", "linear_time"),
                     help="the form option of the kinds (auto picks linear_time on long inputs)")
     ap.add_argument("--batch", type=int, default=1)
@@ -63,90 +56,24 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--model", default="tiny", choices=("tiny", "default"), help="decode model")
     ap.add_argument("--layers", type=int, default=4, help="layers of the tiny decode model")
     ap.add_argument("--new-tokens", type=int, default=None, help="tokens decoded per run; GPU 64, CPU 16")
-    ap.add_argument("--smoke", action="store_true", help="tiny sizes that finish in seconds on a CPU")
-    ap.add_argument("--out", default=None, help="folder of the JSON lines (default benchmarks/results)")
-    ap.add_argument("--no-record", action="store_true")
     args = ap.parse_args(argv)
-    on_gpu = args.device.startswith("cuda")
-    if on_gpu and not cuda:
-        raise SystemExit("--device cuda: no CUDA GPU here; use --device cpu")
+    on_gpu = settle_args(args, gpu_lengths=GPU_LENGTHS, cpu_lengths=CPU_LENGTHS, smoke_lengths=SMOKE_LENGTHS)
     if args.smoke:
-        args.lengths = args.lengths or SMOKE_LENGTHS
         args.decode_lengths = args.decode_lengths or SMOKE_DECODE
-        args.repeats = args.repeats or 1
-        args.warmup = 0
         args.new_tokens = args.new_tokens or 4
         args.layers = min(args.layers, 1)
-    args.lengths = parse_lengths(args.lengths or (GPU_LENGTHS if on_gpu else CPU_LENGTHS))
     args.decode_lengths = parse_lengths(args.decode_lengths or (GPU_DECODE if on_gpu else CPU_DECODE))
-    args.repeats = args.repeats or (10 if on_gpu else 3)
     args.new_tokens = args.new_tokens or (64 if on_gpu else 16)
     if args.new_tokens < 2:
         raise SystemExit("--new-tokens must be >= 2 (decode speed is clocked between steps)")
-    args.dtype = parse_dtype(args.dtype or ("bfloat16" if on_gpu else "float32"))
-    args.impl = args.impl or ("triton" if on_gpu else "torch")
-    if args.impl not in ("triton", "torch", "auto"):
-        raise SystemExit(f"--impl must be triton, torch or auto, got {args.impl!r}")
     if args.heads % args.kv_heads:
         raise SystemExit(f"--heads ({args.heads}) must be a multiple of --kv-heads ({args.kv_heads})")
-    args.modes = _choices("--modes", args.modes, ("prefill", "decode"))
-    args.kinds = _choices("--kinds", args.kinds, ("linear", "taylor"))
+    args.modes = choices("--modes", args.modes, ("prefill", "decode"))
+    args.kinds = choices("--kinds", args.kinds, ("linear", "taylor"))
     return args
 
 
-def _choices(flag: str, text: str, valid: tuple) -> list[str]:
-    picked = [p for p in text.split(",") if p]
-    bad = [p for p in picked if p not in valid]
-    if bad:
-        raise SystemExit(f"{flag}: unknown {bad}; valid choices: {','.join(valid)}")
-    return picked
-
-
-def kernel_missing(kind: str, impl: str, device: str) -> str | None:
-    """Why ``impl`` cannot run ``kind`` as a kernel here, or None when it can."""
-    if impl == "torch":
-        return None
-    if registry.get(kind).kernel is None:
-        return f"no Triton kernel for {kind!r} yet (attnswap/kernels/{kind}.py is missing)"
-    if not device.startswith("cuda") and impl == "triton":
-        import os
-
-        if os.environ.get("TRITON_INTERPRET") != "1":
-            return "impl='triton' on a CPU needs TRITON_INTERPRET=1 (the Triton interpreter)"
-    return None
-
-
-def attempt(fn, device: str, args) -> dict:
-    """{ms, peak_mem_mb} or {error} (OOM recorded as such; other failures named)."""
-    try:
-        ms, peak = measure(fn, device, warmup=args.warmup, repeats=args.repeats)
-        return {"ms": ms, "peak_mem_mb": peak}
-    except Exception as err:  # noqa: BLE001
-        if device.startswith("cuda"):
-            torch.cuda.empty_cache()
-        return {"ms": None, "peak_mem_mb": None,
-                "error": "OOM" if is_oom(err) else f"{type(err).__name__}: {str(err)[:160]}"}
-
-
 # ---------------------------------------------------------------- prefill
-
-def sdpa_run(q, k, v, device: str):
-    """torch SDPA, causal; the flash backend on a GPU; K/V expanded for GQA outside the timed call."""
-    import torch.nn.functional as F
-
-    groups = q.shape[1] // k.shape[1]
-    k, v = (t.repeat_interleave(groups, dim=1) for t in (k, v)) if groups > 1 else (k, v)
-
-    def run():
-        if device.startswith("cuda"):
-            from torch.nn.attention import SDPBackend, sdpa_kernel
-
-            with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-                return F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
-
-    return run
-
 
 def prefill(args, device: str, emit) -> None:
     """Causal forward of every kind at each N, against softmax (our kernel on a GPU, the reference on a CPU)."""
@@ -292,7 +219,7 @@ def decode(args, device: str, emit) -> None:
         try:
             base = decode_one(model, ids, DynamicCache, kv_cache_bytes, args, device)
         except Exception as err:  # noqa: BLE001
-            base = {"ms": None, "error": "OOM" if is_oom(err) else f"{type(err).__name__}: {str(err)[:160]}"}
+            base = {"ms": None, "error": error_text(err)}
         emit(with_speedup(dict(common, kind="softmax", impl="sdpa", n=length, baseline=None, baseline_ms=None,
                                **base)))
         for kind in args.kinds:
@@ -300,7 +227,7 @@ def decode(args, device: str, emit) -> None:
                 with attnswap.swapped(model, kind):
                     got = decode_one(model, ids, lambda: state_cache(model), lambda c: c.nbytes(), args, device)
             except Exception as err:  # noqa: BLE001
-                got = {"ms": None, "error": "OOM" if is_oom(err) else f"{type(err).__name__}: {str(err)[:160]}"}
+                got = {"ms": None, "error": error_text(err)}
             kv = base.get("cache_bytes")
             row = dict(common, kind=kind, impl="auto", n=length, baseline="softmax (sdpa, DynamicCache)",
                        baseline_ms=base.get("ms"), baseline_cache_bytes=kv, **got)
@@ -319,19 +246,8 @@ def main(argv=None) -> list[dict]:
     if args.threads and device == "cpu":
         torch.set_num_threads(args.threads)
     label = device_label(device)
-    dtype_name = str(args.dtype).replace("torch.", "")
     rows = []
-
-    def emit(row):
-        row = dict(row, device=label, dtype=dtype_name)
-        if not args.no_record:
-            row = record(label, out_dir=args.out, **row)
-        rows.append(row)
-        ms = f"{row['ms']:.3f} ms" if row.get("ms") else row.get("error", "-")
-        sp = f"{row['speedup']:.2f}x" if row.get("speedup") else "-"
-        print(f"{row['mode']:7s} {row['kind']:8s} {row['impl']:11s} n={row['n']:<6d} {ms:>12s} speedup {sp}",
-              flush=True)
-
+    emit = emitter(args, label, rows, widths=(8, 11), vs="speedup")
     try:
         if "prefill" in args.modes:
             prefill(args, device, emit)
@@ -339,11 +255,7 @@ def main(argv=None) -> list[dict]:
             decode(args, device, emit)
     finally:
         torch.set_num_threads(threads_before)
-    from attnswap.evals.report import format_table
-
-    print(format_table(rows, TABLE))
-    where = Path(args.out) if args.out else Path(__file__).resolve().parent / "results"
-    print(f"{len(rows)} rows" + ("" if args.no_record else f" appended to {where / (label + '.jsonl')}"))
+    summary(rows, TABLE, args, label)
     return rows
 
 

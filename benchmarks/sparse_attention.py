@@ -26,10 +26,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import device_label, is_oom, measure, parse_dtype, parse_lengths, record, with_speedup  # noqa: E402
+from common import (attempt, bench_parser, choices, device_label, emitter, kernel_missing, sdpa_run,  # noqa: E402
+                    settle_args, summary, with_speedup)
 
 import attnswap  # noqa: E402
-from attnswap import registry  # noqa: E402
 
 BENCH = "sparse_attention"
 GPU_LENGTHS = "1k,2k,4k,8k,16k,32k,64k"
@@ -43,80 +43,35 @@ TABLE = [("mode", "mode"), ("kind", "kind"), ("impl", "impl"), ("n", "N"), ("ms"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    cuda = torch.cuda.is_available()
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--device", default="cuda" if cuda else "cpu", help="cuda | cpu")
-    ap.add_argument("--dtype", default=None, help="bfloat16 (GPU default) | float16 | float32 (CPU default)")
-    ap.add_argument("--lengths", default=None, help=f"N values; default {GPU_LENGTHS} on GPU, {CPU_LENGTHS} on CPU")
-    ap.add_argument("--repeats", type=int, default=None, help="timed calls per measurement (median); GPU 10, CPU 3")
-    ap.add_argument("--warmup", type=int, default=3)
+    ap = bench_parser(__doc__.splitlines()[0], f"N values; default {GPU_LENGTHS} on GPU, {CPU_LENGTHS} on CPU")
     ap.add_argument("--modes", default="fwd,fwd_bwd", help="fwd,fwd_bwd")
     ap.add_argument("--kinds", default="entmax,sparsemax,topk", help="entmax,sparsemax,topk")
     ap.add_argument("--alpha", type=float, default=1.5, help="entmax alpha")
     ap.add_argument("--topk", type=int, default=64, help="k of the topk kind")
     ap.add_argument("--head-dim", type=int, default=128)
     ap.add_argument("--rows", type=int, default=32768 * 16, help="b * H * N, held fixed across N (b >= 1)")
-    ap.add_argument("--impl", default=None, help="triton (GPU default) | torch (CPU default) | auto")
     ap.add_argument("--baselines", default="softmax,sdpa,entmax_pkg", help="softmax,sdpa,entmax_pkg")
     ap.add_argument("--inputs", default="random", choices=("random", "smollm2"))
     ap.add_argument("--layer", type=int, default=15, help="the SmolLM2 layer whose q/k/v --inputs smollm2 takes")
     ap.add_argument("--sparsity-rows", type=int, default=128, help="queries of the reference sparsity slice")
     ap.add_argument("--block", type=int, default=64, help="block size of the reference skipped-block fraction")
     ap.add_argument("--no-sparsity", action="store_true")
-    ap.add_argument("--smoke", action="store_true", help="tiny sizes that finish in seconds on a CPU")
-    ap.add_argument("--out", default=None, help="folder of the JSON lines (default benchmarks/results)")
-    ap.add_argument("--no-record", action="store_true")
     args = ap.parse_args(argv)
-    on_gpu = args.device.startswith("cuda")
-    if on_gpu and not cuda:
-        raise SystemExit("--device cuda: no CUDA GPU here; use --device cpu")
+    settle_args(args, gpu_lengths=GPU_LENGTHS, cpu_lengths=CPU_LENGTHS, smoke_lengths=SMOKE_LENGTHS)
     if args.smoke:
-        args.lengths = args.lengths or SMOKE_LENGTHS
-        args.repeats = args.repeats or 1
-        args.warmup = 0
         args.rows = min(args.rows, 2 * 4 * 96)
         args.head_dim = 32 if args.head_dim == 128 else args.head_dim
         args.sparsity_rows = min(args.sparsity_rows, 32)
         args.block = min(args.block, 16)
-    args.lengths = parse_lengths(args.lengths or (GPU_LENGTHS if on_gpu else CPU_LENGTHS))
-    args.repeats = args.repeats or (10 if on_gpu else 3)
-    args.dtype = parse_dtype(args.dtype or ("bfloat16" if on_gpu else "float32"))
-    args.impl = args.impl or ("triton" if on_gpu else "torch")
-    if args.impl not in ("triton", "torch", "auto"):
-        raise SystemExit(f"--impl must be triton, torch or auto, got {args.impl!r}")
-    args.modes = _choices("--modes", args.modes, ("fwd", "fwd_bwd"))
-    args.kinds = _choices("--kinds", args.kinds, ("entmax", "sparsemax", "topk"))
-    args.baselines = _choices("--baselines", args.baselines, ("softmax", "sdpa", "entmax_pkg"))
+    args.modes = choices("--modes", args.modes, ("fwd", "fwd_bwd"))
+    args.kinds = choices("--kinds", args.kinds, ("entmax", "sparsemax", "topk"))
+    args.baselines = choices("--baselines", args.baselines, ("softmax", "sdpa", "entmax_pkg"))
     return args
-
-
-def _choices(flag: str, text: str, valid: tuple) -> list[str]:
-    picked = [p for p in text.split(",") if p]
-    bad = [p for p in picked if p not in valid]
-    if bad:
-        raise SystemExit(f"{flag}: unknown {bad}; valid choices: {','.join(valid)}")
-    return picked
 
 
 def kind_options(kind: str, args) -> dict:
     """The options of a kind as this run uses them."""
     return {"entmax": {"alpha": args.alpha}, "topk": {"k": args.topk}}.get(kind, {})
-
-
-def kernel_missing(kind: str, impl: str, device: str) -> str | None:
-    """Why ``attnswap.attention(..., impl=impl)`` cannot run ``kind`` as a kernel here, or None when it can."""
-    if impl == "torch":
-        return None
-    entry = registry.get(kind)
-    base = registry.get(entry.alias_of) if entry.alias_of else entry
-    if base.kernel is None:
-        return f"no Triton kernel for {kind!r} yet (attnswap/kernels/{base.name}.py is missing)"
-    if not device.startswith("cuda") and impl == "triton":
-        import os
-
-        if os.environ.get("TRITON_INTERPRET") != "1":
-            return "impl='triton' on a CPU needs TRITON_INTERPRET=1 (the Triton interpreter)"
-    return None
 
 
 # ---------------------------------------------------------------- inputs
@@ -178,25 +133,6 @@ def smollm2_inputs(n_max: int, args, device: str):
 
 def ours(kind: str, q, k, v, impl: str, options: dict):
     return lambda: attnswap.attention(q, k, v, kind, causal=True, impl=impl, **options)
-
-
-def sdpa(q, k, v, device: str):
-    """torch SDPA, causal (the flash backend on a GPU); K/V are expanded for GQA outside the timed call."""
-    import torch.nn.functional as F
-
-    groups = q.shape[1] // k.shape[1]
-    if groups > 1:
-        k, v = (t.repeat_interleave(groups, dim=1) for t in (k, v))
-
-    def run():
-        if device.startswith("cuda"):
-            from torch.nn.attention import SDPBackend, sdpa_kernel
-
-            with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-                return F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
-
-    return run, (k, v)
 
 
 def entmax_package():
@@ -344,19 +280,6 @@ def sparsity(kind: str, q, k, v, args) -> dict:
 
 # ---------------------------------------------------------------- main
 
-def attempt(fn, device: str, args) -> dict:
-    """{ms, peak_mem_mb} or {error} (OOM recorded as such; other failures named)."""
-    try:
-        ms, peak = measure(fn, device, warmup=args.warmup, repeats=args.repeats)
-        return {"ms": ms, "peak_mem_mb": peak}
-    except Exception as err:  # noqa: BLE001
-        if device.startswith("cuda"):
-            torch.cuda.empty_cache()
-        if is_oom(err):
-            return {"ms": None, "peak_mem_mb": None, "error": "OOM"}
-        return {"ms": None, "peak_mem_mb": None, "error": f"{type(err).__name__}: {str(err)[:160]}"}
-
-
 def runs_for(mode: str, q, k, v, args, device: str) -> list[tuple]:
     """(kind, impl, options, callable) of every row of one (mode, N), the softmax baseline first."""
     impl = args.impl
@@ -364,8 +287,7 @@ def runs_for(mode: str, q, k, v, args, device: str) -> list[tuple]:
     if "softmax" in args.baselines:
         runs.append(("softmax", impl, {}, ours("softmax", q, k, v, impl, {})))
     if "sdpa" in args.baselines:
-        run, _ = sdpa(q, k, v, device)
-        runs.append(("softmax", "sdpa_flash" if device.startswith("cuda") else "sdpa", {}, run))
+        runs.append(("softmax", "sdpa_flash" if device.startswith("cuda") else "sdpa", {}, sdpa_run(q, k, v, device)))
     for kind in args.kinds:
         why = kernel_missing(kind, impl, device)
         options = kind_options(kind, args)
@@ -427,18 +349,8 @@ def main(argv=None) -> list[dict]:
     if "entmax_pkg" in args.baselines and entmax_package() is None:
         print("note: the `entmax` package is not installed (pip install entmax): its baselines are skipped")
     label = device_label(device)
-    dtype_name = str(args.dtype).replace("torch.", "")
     rows = []
-
-    def emit(row):
-        row = dict(row, device=label, dtype=dtype_name)
-        if not args.no_record:
-            row = record(label, out_dir=args.out, **row)
-        rows.append(row)
-        ms = f"{row['ms']:.3f} ms" if row.get("ms") else row.get("error", "-")
-        sp = f"{row['speedup']:.2f}x" if row.get("speedup") else "-"
-        print(f"{row['mode']:7s} {row['kind']:9s} {row['impl']:13s} n={row['n']:<6d} {ms:>12s} vs softmax {sp}",
-              flush=True)
+    emit = emitter(args, label, rows, widths=(9, 13), vs="vs softmax")
 
     captured = smollm2_inputs(max(args.lengths), args, device) if args.inputs == "smollm2" else None
     for n in args.lengths:
@@ -450,11 +362,7 @@ def main(argv=None) -> list[dict]:
         del qkv
         if device.startswith("cuda"):
             torch.cuda.empty_cache()
-    from attnswap.evals.report import format_table
-
-    print(format_table(rows, TABLE))
-    where = Path(args.out) if args.out else Path(__file__).resolve().parent / "results"
-    print(f"{len(rows)} rows" + ("" if args.no_record else f" appended to {where / (label + '.jsonl')}"))
+    summary(rows, TABLE, args, label)
     return rows
 
 

@@ -63,7 +63,13 @@ def test_bad_tensors_and_arguments():
         attnswap.attention(q, k, v, window=0)
     with pytest.raises(AttnSwapError, match="impl must be one of"):
         attnswap.attention(q, k, v, impl="cuda")
+    if "noscale" not in attnswap.available_kinds():
+        from attnswap.kinds.softmax import normalize
+
+        attnswap.register_kind("noscale", normalize, doc="a user kind (softmax's math), without a kernel")
     with pytest.raises(AttnSwapError, match="no Triton kernel"):
+        attnswap.attention(q, k, v, "noscale", impl="triton")
+    with pytest.raises(AttnSwapError, match="head dim 4 is not supported by the entmax kernel; valid head dims"):
         attnswap.attention(q, k, v, "entmax", impl="triton")
     with pytest.raises(AttnSwapError, match="mask must be bool"):
         attnswap.attention(q, k, v, mask=torch.ones(1, 1, 5, 5, dtype=torch.long))

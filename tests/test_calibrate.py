@@ -104,14 +104,18 @@ def test_calibrated_taylor_decodes_with_the_state_cache():
     model = tiny_model("llama")
     ids, mask = left_padded_batch(model.config.vocab_size)
     attnswap.calibrate(model, "taylor", torch.randint(1, model.config.vocab_size, (128,)), window=64)
+    assert_state_decoding_matches_kv(model, ids, mask)
+
+
+def assert_state_decoding_matches_kv(model, ids, mask):
+    """generate() with the StateCache it builds gives the tokens of a DynamicCache (full recomputation)."""
     from transformers import DynamicCache
     from attnswap.patches.state_cache import cache_argument
 
     with torch.no_grad():
         kw = dict(attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0)
         ref = model.generate(ids, **kw, **{cache_argument(model): DynamicCache(config=model.config)})
-        out = model.generate(ids, **kw)
-    assert torch.equal(out, ref)
+        assert torch.equal(model.generate(ids, **kw), ref)
 
 
 def test_bad_input_is_a_clear_error(tmp_path):
@@ -142,3 +146,42 @@ def test_eval_specs_for_calibrated_and_saved_rows():
     specs = parse_attn("entmax:alpha=1.5:calibrated,saved:/some/dir,topk:k=8")
     assert [s.label for s in specs] == ["entmax alpha=1.5 calibrated", "saved /some/dir", "topk k=8"]
     assert specs[0].calibrated and specs[1].swap_dir == "/some/dir" and not specs[2].calibrated
+
+
+@pytest.mark.parametrize("kind", ["linear", "taylor"])
+def test_transfer_learns_maps_that_lower_the_error_and_reload(tmp_path, kind):
+    model = tiny_model("llama")
+    ids, mask = left_padded_batch(model.config.vocab_size)
+    own = logits(model, ids, mask)
+    data = torch.randint(1, model.config.vocab_size, (256,), generator=torch.Generator().manual_seed(2))
+    attnswap.swap_attention(model, kind)
+    raw = logits(model, ids, mask)
+    handle = attnswap.transfer(model, kind, data, window=64, max_windows=4, steps=60, lr=1e-2)
+    report = handle.transfer
+    assert report["tokens"] == 256 and report["steps"] == 60
+    assert report["mean_error_after"] < 0.9 * report["mean_error_before"]
+    projection = handle.options_of(0)["feature_proj"]
+    assert projection.weight.shape == (model.config.num_key_value_heads, 8, 8)
+    transferred = logits(model, ids, mask)
+    assert not torch.allclose(transferred, raw)
+    attnswap.save_swap(model, tmp_path / "t")
+    assert (tmp_path / "t" / "attnswap_swap.safetensors").is_file()
+    attnswap.restore_attention(model)
+    assert torch.equal(logits(model, ids, mask), own)
+    loaded = attnswap.load_swap(tiny_model("llama"), tmp_path / "t")
+    assert torch.equal(logits(loaded.model, ids, mask), transferred)
+    assert loaded.transfer["mean_error_after"] == report["mean_error_after"]
+    assert_state_decoding_matches_kv(loaded.model, ids, mask)  # the state cache applies the learned maps too
+
+
+def test_transfer_bad_input():
+    model = tiny_model("llama")
+    with pytest.raises(attnswap.AttnSwapError, match="attnswap.calibrate"):
+        attnswap.transfer(model, "entmax", torch.arange(1, 200), window=64)
+    with pytest.raises(attnswap.AttnSwapError, match="shorter than one window"):
+        attnswap.transfer(model, "linear", torch.arange(1, 20), window=64)
+    with pytest.raises(attnswap.AttnSwapError, match="steps"):
+        attnswap.transfer(model, "linear", torch.arange(1, 200), window=64, steps=0)
+    with pytest.raises(attnswap.AttnSwapError, match="no feature map"):
+        parse_attn("topk:k=4:transferred")
+    assert parse_attn("linear:transferred")[0].label == "linear transferred"

@@ -135,3 +135,26 @@ def test_data_parallel_perplexity_equals_one_process(tiny_dir, tmp_path):
     assert [r["tokens"] for r in a] == [r["tokens"] for r in b]
     for x, y in zip(a, b):
         assert abs(x["ppl"] / y["ppl"] - 1) < 1e-6, (x, y)
+
+
+def test_calibrate_and_transfer_commands_then_side_by_side_rows(tiny_dir, tmp_path, capsys):
+    cal, tr = str(tmp_path / "cal"), str(tmp_path / "tr")
+    assert main(["calibrate", "--model", tiny_dir, "--attn", "entmax:alpha=1.5", "--out", cal,
+                 "--window", "64", "--windows", "2"]) == 0
+    assert main(["transfer", "--model", tiny_dir, "--attn", "linear", "--out", tr, "--window", "64",
+                 "--windows", "2", "--steps", "5"]) == 0
+    printed = capsys.readouterr().out
+    assert "score scales" in printed and "wrote" in printed and "5 steps per layer" in printed
+    out = tmp_path / "res"
+    code = main(["eval", "ppl", "--model", tiny_dir, "--attn",
+                 f"entmax:alpha=1.5,saved:{cal},entmax:alpha=1.5:calibrated,linear,saved:{tr}", "--out", str(out),
+                 "--max-tokens", "300", "--max-length", "128", "--fit-window", "64", "--fit-windows", "2"])
+    assert code == 0
+    ppl = {r["attention"]: r["ppl"] for r in json.loads((out / "results.json").read_text())["perplexity"]}
+    assert set(ppl) == {"model's own", "entmax alpha=1.5", f"saved {cal}", "entmax alpha=1.5 calibrated", "linear",
+                        f"saved {tr}"}
+    # calibrating again on the same (default) text gives the saved swap's numbers
+    assert ppl[f"saved {cal}"] == pytest.approx(ppl["entmax alpha=1.5 calibrated"], rel=1e-6)
+    assert ppl[f"saved {cal}"] != ppl["entmax alpha=1.5"] and ppl[f"saved {tr}"] != ppl["linear"]
+    assert main(["calibrate", "--model", tiny_dir, "--attn", "linear", "--out", cal]) == 2
+    assert main(["eval", "ppl", "--model", tiny_dir, "--attn", f"saved:{tmp_path / 'nothing'}", "--out", str(out)]) == 2

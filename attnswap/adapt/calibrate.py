@@ -55,12 +55,13 @@ def calibration_windows(data, tokenizer=None, *, window: int = DEFAULT_WINDOW, m
 class _Recorder:
     """Keeps the inputs of each swapped attention call, per module, while the model runs its own attention."""
 
-    def __init__(self, modules):
+    def __init__(self, modules, fraction: float = QUERY_FRACTION):
         self.calls = {id(m): [] for m in modules}
+        self.fraction = fraction
 
     def __call__(self, module, query, key, value, vis, *, scaling, softcap, sinks):
         if id(module) in self.calls:
-            query, vis = last_queries(query.detach(), vis, QUERY_FRACTION)
+            query, vis = last_queries(query.detach(), vis, self.fraction)
             self.calls[id(module)].append((query, key.detach(), value.detach(), vis, scaling, softcap,
                                            None if sinks is None else sinks.detach()))
 
@@ -77,6 +78,29 @@ def last_queries(query, vis, fraction: float):
         mask = mask[..., start:, :]
     return query[:, :, start:], Visibility(n=keep, m=vis.m, causal=vis.causal, offset=vis.offset + start,
                                            window=vis.window, mask=mask)
+
+
+def record_attention_inputs(model, ids, *, layers=None, impl="auto", fraction: float = 1.0):
+    """Run the model's own attention (our ``softmax``, equal to it) over each window of ``ids`` and keep every
+    swapped layer's attention inputs. Returns ([(layer index, module)], recorder with ``calls[id(module)]``)."""
+    from ..patches.swap import swap_attention
+
+    device = next(model.parameters()).device
+    recording = swap_attention(model, "softmax", layers=layers, impl=impl)
+    modules = [(index, module) for index, (_, module, _) in zip(recording.layers, recording._targets)]
+    recorder = _Recorder([m for _, m in modules], fraction)
+    try:
+        with torch.no_grad(), tapping(recorder):
+            for row in ids:
+                model(input_ids=row[None].to(device), use_cache=False)
+    finally:
+        recording.restore()
+    return modules, recorder
+
+
+def softmax_targets(calls) -> list:
+    """The model's own attention outputs for recorded calls (fp32)."""
+    return _outputs(registry.get("softmax"), {}, calls, 1.0)
 
 
 def _outputs(kind, options, calls, scale):
@@ -99,8 +123,7 @@ def _errors(outs, targets) -> torch.Tensor:
 @torch.no_grad()
 def fit_layer(kind, options, calls) -> tuple[tuple, torch.Tensor, torch.Tensor]:
     """(per-head scales, relative error per head at scale 1, at the fitted scales) for one layer's recorded calls."""
-    softmax = registry.get("softmax")
-    targets = _outputs(softmax, {}, calls, 1.0)
+    targets = softmax_targets(calls)
     heads = calls[0][0].shape[1]
     base = _errors(_outputs(kind, options, calls, 1.0), targets)
     best_err, best = base.clone(), torch.ones(heads)
@@ -140,38 +163,41 @@ def calibrate(model, kind: str, data, *, tokenizer=None, window: int = DEFAULT_W
     if registry.SCORE_SCALE in options:
         raise AttnSwapError("calibrate fits score_scale itself; do not pass it")
     ids = calibration_windows(data, tokenizer, window=window, max_windows=max_windows)
-    device = next(model.parameters()).device
-    recording = swap_attention(model, "softmax", layers=layers, impl=impl)
-    modules = [(index, module) for index, (_, module, _) in zip(recording.layers, recording._targets)]
-    recorder = _Recorder([m for _, m in modules])
-    try:
-        with torch.no_grad(), tapping(recorder):
-            for row in ids:
-                model(input_ids=row[None].to(device), use_cache=False)
-    finally:
-        recording.restore()
+    modules, recorder = record_attention_inputs(model, ids, layers=layers, impl=impl, fraction=QUERY_FRACTION)
+
+    def fit(calls):
+        scales, before, after = fit_layer(kind_obj, resolved, calls)
+        return ({registry.SCORE_SCALE: scales},
+                {"score_scale": list(scales), "error_before": before.mean().item(), "error_after": after.mean().item()})
+
+    layer_options, report = fit_layers(modules, recorder, fit, f"calibrating {kind}", progress)
+    handle = swap_attention(model, kind, layers=layers, impl=impl, layer_options=layer_options, **options)
+    handle.calibration = summary("per-head score scale minimizing the relative squared attention-output error "
+                                 "against the model's own softmax attention", ids, report)
+    return handle
+
+
+def summary(method: str, ids, report: dict, **extra) -> dict:
+    """What a fit reports: its method, token budget, per-layer errors and their means."""
+    return {"method": method, "tokens": int(ids.numel()), "window": ids.shape[1], **extra, "layers": report,
+            "mean_error_before": _mean(r["error_before"] for r in report.values()),
+            "mean_error_after": _mean(r["error_after"] for r in report.values())}
+
+
+def fit_layers(modules, recorder, fit, desc: str, progress: bool):
+    """``fit(calls) -> (layer options, report)`` for each recorded layer, freeing its inputs as it goes."""
     layer_options, report = {}, {}
-    bar = _bar(len(modules), f"calibrating {kind}", progress)
+    bar = _bar(len(modules), desc, progress)
     for index, module in modules:
         calls = recorder.calls[id(module)]
-        if not calls:
-            continue
-        scales, before, after = fit_layer(kind_obj, resolved, calls)
-        layer_options[index] = {registry.SCORE_SCALE: scales}
-        report[index] = {"score_scale": list(scales), "error_before": before.mean().item(),
-                         "error_after": after.mean().item()}
-        recorder.calls[id(module)] = []  # free the layer's inputs
+        if calls:
+            layer_options[index], report[index] = fit(calls)
+        recorder.calls[id(module)] = []
         if bar is not None:
             bar.update(1)
     if bar is not None:
         bar.close()
-    handle = swap_attention(model, kind, layers=layers, impl=impl, layer_options=layer_options, **options)
-    handle.calibration = {"method": "per-head score scale minimizing the relative squared attention-output error "
-                                    "against the model's own softmax attention",
-                          "tokens": int(ids.numel()), "window": ids.shape[1], "layers": report,
-                          "mean_error_before": _mean(r["error_before"] for r in report.values()),
-                          "mean_error_after": _mean(r["error_after"] for r in report.values())}
-    return handle
+    return layer_options, report
 
 
 def _mean(values) -> float:

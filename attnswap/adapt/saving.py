@@ -1,6 +1,7 @@
 """A swap saved beside the model: ``save_swap(model, dir)`` writes ``attnswap_swap.json`` (kind, options, layers,
-per-layer options such as calibrated score scales, and a fingerprint of the model), ``load_swap(model, dir)``
-checks the fingerprint and swaps the model the same way."""
+per-layer options such as calibrated score scales, the calibration/transfer report and a fingerprint of the model)
+and, after attention transfer, ``attnswap_swap.safetensors`` (the learned query/key maps); ``load_swap(model,
+dir)`` checks the fingerprint and swaps the model the same way."""
 
 from __future__ import annotations
 
@@ -11,8 +12,10 @@ from pathlib import Path
 import torch
 
 from ..errors import AttnSwapError
+from ..registry import FEATURE_PROJ, FeatureProjection
 
 FILENAME = "attnswap_swap.json"
+TENSORS = "attnswap_swap.safetensors"  # learned feature maps (attention transfer)
 FORMAT = 1
 _CONFIG_KEYS = ("model_type", "num_hidden_layers", "hidden_size", "num_attention_heads", "num_key_value_heads",
                 "head_dim", "vocab_size")
@@ -48,6 +51,21 @@ def save_swap(model, directory) -> Path:
         "layer_options": {str(i): _plain(o) for i, o in handle.layer_options.items()},
         "calibration": getattr(handle, "calibration", None), "model": fingerprint(model),
     }
+    tensors = {}
+    for i, options in handle.layer_options.items():
+        projection = options.get(FEATURE_PROJ)
+        if projection is not None:
+            name = f"layers.{i}.{FEATURE_PROJ}"
+            tensors[f"{name}.weight"] = projection.weight.detach().float().cpu().contiguous()
+            tensors[f"{name}.bias"] = projection.bias.detach().float().cpu().contiguous()
+            record["layer_options"][str(i)][FEATURE_PROJ] = {"tensors": name}
+    record["transfer"] = getattr(handle, "transfer", None)
+    if tensors:
+        from safetensors.torch import save_file
+
+        save_file(tensors, str(path / TENSORS))
+    elif (path / TENSORS).exists():
+        (path / TENSORS).unlink()
     target = path / FILENAME
     target.write_text(json.dumps(record, indent=1))
     return target
@@ -75,10 +93,24 @@ def load_swap(model, directory, *, impl: str | None = None):
                             "(same architecture); calibrate this model again")
     options = record["options"]
     per_layer = {int(i): _strip_fixed(record["kind"], o) for i, o in record["layer_options"].items()}
+    if any(FEATURE_PROJ in o for o in per_layer.values()):
+        from safetensors.torch import load_file
+
+        if not (Path(directory) / TENSORS).is_file():
+            raise AttnSwapError(f"load_swap: {target} names learned feature maps but {TENSORS} is missing beside it")
+        tensors = load_file(str(Path(directory) / TENSORS))
+        device = next(model.parameters()).device
+        for o in per_layer.values():
+            if FEATURE_PROJ in o:
+                name = o[FEATURE_PROJ]["tensors"]
+                o[FEATURE_PROJ] = FeatureProjection(tensors[f"{name}.weight"].to(device),
+                                                    tensors[f"{name}.bias"].to(device))
     handle = swap_attention(model, record["kind"], layers=record["layers"], impl=impl or record["impl"],
                             layer_options=per_layer, **_strip_fixed(record["kind"], options))
     if record.get("calibration") is not None:
         handle.calibration = record["calibration"]
+    if record.get("transfer") is not None:
+        handle.transfer = record["transfer"]
     return handle
 
 
@@ -92,4 +124,4 @@ def _strip_fixed(kind: str, options: dict) -> dict:
 
 def _plain(options: dict) -> dict:
     return {k: (list(v) if isinstance(v, tuple) else (v.tolist() if isinstance(v, torch.Tensor) else v))
-            for k, v in options.items()}
+            for k, v in options.items() if k != FEATURE_PROJ}

@@ -37,16 +37,20 @@ def applied(model, spec: AttnSpec):
         from ..adapt.saving import load_swap
 
         handle = load_swap(model, spec.swap_dir)
-    elif spec.calibrated and spec.fitted is not None:
+    elif (spec.calibrated or spec.transferred) and spec.fitted is not None:
         from ..patches.swap import swap_attention
 
         handle = swap_attention(model, spec.kind, layers=spec.layers, layer_options=spec.fitted, **spec.options)
-    elif spec.calibrated:
+    elif spec.calibrated or spec.transferred:
         from ..adapt.calibrate import calibrate
+        from ..adapt.transfer import transfer
 
         if spec.calibration_ids is None:
             raise AttnSwapError(f"{spec.label}: no calibration text was given")
-        handle = calibrate(model, spec.kind, spec.calibration_ids, layers=spec.layers, **spec.options)
+        fit = calibrate if spec.calibrated else transfer
+        settings = {k: v for k, v in spec.fit_settings.items() if spec.transferred or k != "steps"}
+        handle = fit(model, spec.kind, spec.calibration_ids, layers=spec.layers, progress=True, **settings,
+                     **spec.options)
         spec.fitted = handle.layer_options
     elif spec.kind is None:
         yield None
@@ -61,17 +65,19 @@ def applied(model, spec: AttnSpec):
         handle.restore()
 
 
-def calibration_ids(tokenizer, specs: list[AttnSpec], text: str | None = None) -> None:
-    """Give the specs that calibrate their calibration tokens: ``text`` or the offline calibration text (the end of
-    the default corpus, disjoint from the evaluation text at its start)."""
-    if not any(spec.calibrated for spec in specs):
+def calibration_ids(tokenizer, specs: list[AttnSpec], text: str | None = None, **settings) -> None:
+    """Give the specs that calibrate or transfer their tokens (``text`` or the offline calibration text: the end of
+    the default corpus, disjoint from the evaluation text at its start) and ``settings`` (window, max_windows,
+    steps; None = the default)."""
+    if not any(spec.calibrated or spec.transferred for spec in specs):
         return
     from .corpus import calibration_text
 
     ids = tokenizer(text or calibration_text(), return_tensors="pt").input_ids
     for spec in specs:
-        if spec.calibrated:
+        if spec.calibrated or spec.transferred:
             spec.calibration_ids = ids
+            spec.fit_settings = {k: v for k, v in settings.items() if v is not None}
 
 
 def tokenize(tokenizer, text: str, max_tokens: int | None = None) -> torch.Tensor:

@@ -18,8 +18,10 @@ class AttnSpec:
     options: dict = field(default_factory=dict)
     layers: list[int] | None = None
     calibrated: bool = False  # fit per-head score scales first (attnswap.calibrate) on ``calibration_ids``
+    transferred: bool = False  # learn query/key maps first (attnswap.transfer) on ``calibration_ids``
     swap_dir: str | None = None  # a swap saved with attnswap.save_swap
     calibration_ids: Any = None
+    fit_settings: dict = field(default_factory=dict)  # window, max_windows (and steps) for calibrate / transfer
     fitted: Any = None  # the calibrated per-layer options, once fitted (reused by later evaluations)
 
     @property
@@ -29,7 +31,8 @@ class AttnSpec:
         if self.kind is None:
             return "model's own"
         opts = "".join(f" {k}={v}" for k, v in self.options.items())
-        return f"{self.kind}{opts}" + (" calibrated" if self.calibrated else "")
+        return f"{self.kind}{opts}" + (" calibrated" if self.calibrated else "") + (
+            " transferred" if self.transferred else "")
 
 
 _LAYER_ITEM = re.compile(r"^\s*(\d+)\s*(?:-\s*(\d+)\s*)?$")
@@ -47,7 +50,8 @@ def _number(text: str):
 def parse_attn(spec: str, layers: list[int] | None = None) -> list[AttnSpec]:
     """``"softmax,topk:k=64,entmax:alpha=1.5"`` -> specs, each validated against the kind's options.
 
-    ``kind:...:calibrated`` fits per-head score scales first (``attnswap.calibrate``); ``saved:DIR`` loads a swap
+    ``kind:...:calibrated`` fits per-head score scales first (``attnswap.calibrate``), ``kind:...:transferred``
+    learns query/key maps first (``attnswap.transfer``); ``saved:DIR`` loads a swap
     saved with ``attnswap.save_swap`` (or ``attnswap calibrate --out DIR``)."""
     out = []
     for item in filter(None, (s.strip() for s in (spec or "").split(","))):
@@ -57,10 +61,10 @@ def parse_attn(spec: str, layers: list[int] | None = None) -> list[AttnSpec]:
                 raise AttnSwapError(f"malformed attention spec {item!r}: write saved:DIR")
             out.append(AttnSpec(None, {}, layers, swap_dir=rest))
             continue
-        options, calibrated = {}, False
+        options, calibrated, transferred = {}, False, False
         for pair in filter(None, rest.split(":")):
-            if pair == "calibrated":
-                calibrated = True
+            if pair in ("calibrated", "transferred"):
+                calibrated, transferred = calibrated or pair == "calibrated", transferred or pair == "transferred"
                 continue
             key, eq, value = pair.partition("=")
             if not eq or not key:
@@ -70,7 +74,11 @@ def parse_attn(spec: str, layers: list[int] | None = None) -> list[AttnSpec]:
         kind, _ = registry.resolve(name, options)  # unknown kind / option -> a clear error now, not mid-run
         if calibrated and not kind.uses_scores:
             raise AttnSwapError(f"attention spec {item!r}: kind {name!r} has no scores to calibrate")
-        out.append(AttnSpec(name, options, layers, calibrated=calibrated))
+        if transferred and kind.state_features is None:
+            raise AttnSwapError(f"attention spec {item!r}: kind {name!r} has no feature map to transfer to")
+        if calibrated and transferred:
+            raise AttnSwapError(f"attention spec {item!r}: choose calibrated or transferred, not both")
+        out.append(AttnSpec(name, options, layers, calibrated=calibrated, transferred=transferred))
     if not out:
         raise AttnSwapError(f"empty attention spec {spec!r}; e.g. softmax,topk:k=64,entmax:alpha=1.5")
     return out

@@ -36,7 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .tiles import dot_prec
+from .tiles import common_support, dot_prec
 from .tuning import configs, interpreting, pruner
 
 LINEAR, TAYLOR = 0, 1
@@ -456,31 +456,13 @@ def chunked_attention(query, key, value, *, feature: str, scaling: float = 1.0, 
 
 
 
-DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
 def supports_common(kind: str, query, key, value, vis, *, dropout=0.0, need_weights=False) -> tuple[bool, str]:
-    """The checks both feature-map kinds share: device, dtype, head dims, GQA, structured visibility."""
-    for t in (query, key, value):
-        if not (t.is_cuda or (t.device.type == "cpu" and interpreting())):
-            return False, "the Triton kernel needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1)"
-    if query.device != key.device or query.device != value.device:
-        return False, "query, key and value must be on one device"
-    if query.dtype not in DTYPES or key.dtype != query.dtype or value.dtype != query.dtype:
-        return False, (f"the {kind} kernel takes fp16/bf16/fp32 query, key and value of one dtype, got "
-                       f"{query.dtype}, {key.dtype}, {value.dtype}")
-    d, dv = query.shape[-1], value.shape[-1]
-    if key.shape[-1] != d or not (1 <= d <= MAX_HEAD_DIM and 1 <= dv <= MAX_HEAD_DIM):
-        return False, (f"the {kind} kernel takes query/key head dims equal and head dims 1..{MAX_HEAD_DIM}, got "
-                       f"{d}, {key.shape[-1]}, {dv}")
-    if query.shape[1] % key.shape[1]:
-        return False, "the number of query heads must be a multiple of the KV heads"
-    if dropout:
-        return False, f"the {kind} kernel has no attention dropout"
-    if need_weights:
-        return False, f"the {kind} kernel does not return attention weights"
-    if vis.has_bias:
-        return False, f"the {kind} kernel takes no additive score bias"
+    """The checks both feature-map kinds share: ``tiles.common_support`` (head dims 1..MAX_HEAD_DIM), then
+    structured visibility."""
+    ok, why = common_support(query, key, value, vis, dropout=dropout, need_weights=need_weights, name=kind,
+                             max_head_dim=MAX_HEAD_DIM)
+    if not ok:
+        return ok, why
     if not vis.is_structured:
         return False, (f"the {kind} kernel takes causal, sliding-window and key-padding masks (b|1, 1, 1, m) "
                        "only; a dense mask runs the quadratic reference")

@@ -25,8 +25,8 @@ import triton
 import triton.language as tl
 
 from .entmax_threshold import OUTSIDE_BAND, load_kt, power_mode, powers, tau_kernel, z_tile
-from .softmax import DTYPES, flat_mask
-from .tiles import HEAD_DIMS, check_shapes, dot_f32, dot_prec, key_band, mask_view, query_band, scores, visible
+from .softmax import flat_mask
+from .tiles import check_shapes, common_support, dot_f32, dot_prec, key_band, mask_view, query_band, scores, visible
 from .tuning import interpreting
 
 MAX_ITER = 64  # Newton passes at most (each a pass over the key band)
@@ -424,27 +424,5 @@ def kernel(query, key, value, vis, *, scaling, softcap=None, sinks=None, dropout
 def supports(query, key, value, vis, *, scaling=None, softcap=None, sinks=None, dropout=0.0, need_weights=False,
              **kw) -> tuple[bool, str]:
     """Whether ``kernel`` can run these inputs, and why not."""
-    for t in (query, key, value):
-        if not (t.is_cuda or (t.device.type == "cpu" and interpreting())):
-            return False, "the Triton kernel needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1)"
-    if query.device != key.device or query.device != value.device:
-        return False, "query, key and value must be on one device"
-    if query.dtype not in DTYPES or key.dtype != query.dtype or value.dtype != query.dtype:
-        return False, (f"the Triton kernel takes fp16/bf16/fp32 query, key and value of one dtype, got "
-                       f"{query.dtype}, {key.dtype}, {value.dtype}")
-    d = query.shape[-1]
-    if d not in HEAD_DIMS:
-        return False, f"head dim {d} is not supported by the entmax kernel; valid head dims: {list(HEAD_DIMS)}"
-    if key.shape[-1] != d or value.shape[-1] != d:
-        return False, "the entmax kernel needs key and value head dims equal to the query's"
-    if query.shape[1] % key.shape[1]:
-        return False, "the number of query heads must be a multiple of the KV heads"
-    if dropout:
-        return False, "the entmax kernel has no dropout"
-    if need_weights:
-        return False, "the entmax kernel does not return attention weights"
-    if vis.has_bias:
-        return False, "the entmax kernel takes bool masks only, not float score biases"
-    if sinks is not None and sinks.device != query.device:
-        return False, "sinks must be on the query's device"
-    return True, ""
+    return common_support(query, key, value, vis, dropout=dropout, need_weights=need_weights, sinks=sinks,
+                          name="entmax")

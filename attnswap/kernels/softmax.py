@@ -7,13 +7,10 @@ Forward is ``flash_fwd.flash_forward`` (which routes short queries to the split-
 
 from __future__ import annotations
 
-import os
-
 import torch
 
-from .flash_fwd import HEAD_DIMS, flash_forward
-
-DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+from .flash_fwd import flash_forward
+from .tiles import common_support
 
 
 def flat_mask(vis) -> torch.Tensor | None:
@@ -81,32 +78,4 @@ def kernel(query, key, value, vis, *, scaling, softcap=None, sinks=None, dropout
 def supports(query, key, value, vis, *, scaling=None, softcap=None, sinks=None, dropout=0.0, need_weights=False,
              **kw) -> tuple[bool, str]:
     """Whether ``kernel`` can run these inputs, and why not."""
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False, "triton is not installed"
-    interp = os.environ.get("TRITON_INTERPRET", "0") == "1"
-    for t in (query, key, value):
-        if not (t.is_cuda or (t.device.type == "cpu" and interp)):
-            return False, "the Triton kernel needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1)"
-    if query.device != key.device or query.device != value.device:
-        return False, "query, key and value must be on one device"
-    if query.dtype not in DTYPES or key.dtype != query.dtype or value.dtype != query.dtype:
-        return False, (f"the Triton kernel takes fp16/bf16/fp32 query, key and value of one dtype, got "
-                       f"{query.dtype}, {key.dtype}, {value.dtype}")
-    d = query.shape[-1]
-    if d not in HEAD_DIMS:
-        return False, f"head dim {d} is not supported by the Triton kernel; valid head dims: {list(HEAD_DIMS)}"
-    if key.shape[-1] != d or value.shape[-1] != d:
-        return False, "the Triton kernel needs key and value head dims equal to the query's"
-    if query.shape[1] % key.shape[1]:
-        return False, "the number of query heads must be a multiple of the KV heads"
-    if dropout:
-        return False, "the Triton kernel has no dropout"
-    if need_weights:
-        return False, "the Triton kernel does not return attention weights"
-    if vis.has_bias:
-        return False, "the Triton kernel takes bool masks only, not float score biases"
-    if sinks is not None and sinks.device != query.device:
-        return False, "sinks must be on the query's device"
-    return True, ""
+    return common_support(query, key, value, vis, dropout=dropout, need_weights=need_weights, sinks=sinks)

@@ -144,3 +144,45 @@ def check_shapes(q, k, v, head_dims=HEAD_DIMS):
     if k.shape[-1] != d or v.shape[-1] != d:
         raise ValueError("the kernel needs key and value head dims equal to the query's")
     return b, hq, hkv, n, m, d
+
+
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def common_support(query, key, value, vis, *, dropout=0.0, need_weights=False, sinks=None, name="Triton",
+                   head_dims=HEAD_DIMS, max_head_dim=None) -> tuple[bool, str]:
+    """The checks every kind's ``supports`` shares -> (ok, why not). Triton is importable (this module imports
+    it); then: CUDA tensors (CPU ones under TRITON_INTERPRET=1) on one device, one dtype of ``DTYPES``, head dims
+    (one of ``head_dims``, key and value equal to the query's; or, with ``max_head_dim``, query/key equal and
+    every head dim in 1..max_head_dim), Hq a multiple of Hkv, no dropout, no weights, no float bias, sinks on
+    the query's device. ``name`` names the kernel in the messages ("the {name} kernel ...")."""
+    for t in (query, key, value):
+        if not (t.is_cuda or (t.device.type == "cpu" and interpreting())):
+            return False, "the Triton kernel needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1)"
+    if query.device != key.device or query.device != value.device:
+        return False, "query, key and value must be on one device"
+    if query.dtype not in DTYPES or key.dtype != query.dtype or value.dtype != query.dtype:
+        return False, (f"the {name} kernel takes fp16/bf16/fp32 query, key and value of one dtype, got "
+                       f"{query.dtype}, {key.dtype}, {value.dtype}")
+    d, dk, dv = query.shape[-1], key.shape[-1], value.shape[-1]
+    if max_head_dim is not None:
+        if dk != d or not (1 <= d <= max_head_dim and 1 <= dv <= max_head_dim):
+            return False, (f"the {name} kernel takes query/key head dims equal and head dims 1..{max_head_dim}, "
+                           f"got {d}, {dk}, {dv}")
+    else:
+        if d not in head_dims:
+            return False, (f"head dim {d} is not supported by the {name} kernel; valid head dims: "
+                           f"{list(head_dims)}")
+        if dk != d or dv != d:
+            return False, f"the {name} kernel needs key and value head dims equal to the query's"
+    if query.shape[1] % key.shape[1]:
+        return False, "the number of query heads must be a multiple of the KV heads"
+    if dropout:
+        return False, f"the {name} kernel has no attention dropout"
+    if need_weights:
+        return False, f"the {name} kernel does not return attention weights"
+    if vis.has_bias:
+        return False, f"the {name} kernel takes bool masks only, not float (additive) score biases"
+    if sinks is not None and sinks.device != query.device:
+        return False, "sinks must be on the query's device"
+    return True, ""

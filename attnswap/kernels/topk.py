@@ -26,16 +26,14 @@ row's threshold.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
 from .flash_bwd import flash_backward
 from .flash_fwd import flash_forward
-from .softmax import DTYPES, flat_mask
-from .tiles import HEAD_DIMS, check_shapes, dot_f32, dot_prec, key_band, mask_strides, scores, visible
+from .softmax import flat_mask
+from .tiles import check_shapes, common_support, dot_f32, dot_prec, key_band, mask_strides, scores, visible
 from .tuning import configs, interpreting, pruner
 
 # int32 extremes as compile-time constants (a bare -2147483648 literal could be typed int64 by the compiler)
@@ -301,30 +299,10 @@ def kernel(query, key, value, vis, *, scaling, softcap=None, sinks=None, dropout
 def supports(query, key, value, vis, *, scaling=None, softcap=None, sinks=None, dropout=0.0, need_weights=False,
              **options) -> tuple[bool, str]:
     """Whether ``kernel`` can run these inputs, and why not."""
-    interp = os.environ.get("TRITON_INTERPRET", "0") == "1"
-    for t in (query, key, value):
-        if not (t.is_cuda or (t.device.type == "cpu" and interp)):
-            return False, "the Triton kernel needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1)"
-    if query.device != key.device or query.device != value.device:
-        return False, "query, key and value must be on one device"
-    if query.dtype not in DTYPES or key.dtype != query.dtype or value.dtype != query.dtype:
-        return False, (f"the Triton kernel takes fp16/bf16/fp32 query, key and value of one dtype, got "
-                       f"{query.dtype}, {key.dtype}, {value.dtype}")
-    d = query.shape[-1]
-    if d not in HEAD_DIMS:
-        return False, f"head dim {d} is not supported by the Triton kernel; valid head dims: {list(HEAD_DIMS)}"
-    if key.shape[-1] != d or value.shape[-1] != d:
-        return False, "the Triton kernel needs key and value head dims equal to the query's"
-    if query.shape[1] % key.shape[1]:
-        return False, "the number of query heads must be a multiple of the KV heads"
-    if dropout:
-        return False, "the topk Triton kernel has no dropout"
-    if need_weights:
-        return False, "the topk Triton kernel does not return attention weights"
-    if vis.has_bias:
-        return False, "the topk Triton kernel takes bool masks only, not float score biases"
-    if sinks is not None and sinks.device != query.device:
-        return False, "sinks must be on the query's device"
+    ok, why = common_support(query, key, value, vis, dropout=dropout, need_weights=need_weights, sinks=sinks,
+                             name="topk Triton")
+    if not ok:
+        return ok, why
     k_top = options.get("k", 64)
     if isinstance(k_top, bool) or not isinstance(k_top, int) or k_top < 1:
         return False, f"option k (keys kept per query) must be an integer >= 1, got {k_top!r}"

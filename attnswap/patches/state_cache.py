@@ -22,9 +22,9 @@ from contextvars import ContextVar
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache, DynamicLayer
 
-from ..dispatch import scale_queries
+from ..dispatch import prepare_qk, project
 from ..errors import AttnSwapError
-from ..registry import SCORE_SCALE
+from ..registry import FEATURE_PROJ
 from .masks import model_visibility
 
 _PENDING: ContextVar = ContextVar("attnswap_state_layer", default=None)
@@ -228,9 +228,10 @@ def state_attention(layer: StateLayer, spec, query, key, value, attention_mask, 
         vis_mask = attention_mask if attention_mask is None or attention_mask.shape[-1] == q else new_mask
         vis = model_visibility(vis_mask, query, key, is_causal=is_causal, native=spec.native)
         out = run_attention(vis)
-    else:
-        if SCORE_SCALE in spec.options:  # a calibrated temperature, as dispatch.run applies it
-            query = scale_queries(query, spec.options[SCORE_SCALE])
+        if FEATURE_PROJ in spec.options:  # the state holds keys after the learned projection
+            key = project(spec.options[FEATURE_PROJ], query, key)[1]
+    else:  # queries and keys as dispatch.run would see them (learned projection, score scale)
+        query, key, _ = prepare_qk(spec.options, query, key)
         out = _with_state(layer, phi, eps, sink_weight, sinks, query, key, value, new_mask, is_causal, groups)
     _fold(layer, phi, key, value, real)
     return out

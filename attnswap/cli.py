@@ -8,6 +8,9 @@ import os
 import sys
 
 DEFAULT_ATTN = "softmax,topk:k=64,entmax:alpha=1.5,sparsemax,linear,taylor"
+# the demo also shows what training-free calibration recovers (raw and calibrated rows side by side)
+DEMO_ATTN = ("softmax,topk:k=64,entmax:alpha=1.5,entmax:alpha=1.5:calibrated,sparsemax,sparsemax:calibrated,linear,"
+             "taylor")
 
 PPL_COLUMNS = [("attention", "attention", None), ("ppl", "ppl", ".3f"), ("vs_own", "vs own", lambda v: f"{v:.3f}x"),
                ("nll_per_token", "nll/token", ".4f"), ("tokens", "tokens", None), ("seconds", "seconds", ".1f")]
@@ -199,7 +202,9 @@ def _csv_ints(text: str) -> list[int]:
 def _add_eval_args(p, *, demo: bool = False) -> None:
     if not demo:
         p.add_argument("--model", default=None, help="a Hugging Face model folder (default: SmolLM2-135M-Instruct)")
-    p.add_argument("--attn", default=DEFAULT_ATTN, help="kinds to compare, e.g. softmax,topk:k=64,entmax:alpha=1.5")
+    p.add_argument("--attn", default=DEMO_ATTN if demo else DEFAULT_ATTN,
+                   help="kinds to compare, e.g. softmax,topk:k=64,entmax:alpha=1.5; kind:...:calibrated and "
+                        "linear:transferred fit first, saved:DIR loads a saved swap")
     p.add_argument("--layers", default=None, help="swap only these layers: inclusive ranges and indices, e.g. 4-29 or 0,2,5 (default: all)")
     p.add_argument("--out", default="attnswap-results", help="folder for results.json/.jsonl/.md and plots")
     p.add_argument("--text-file", default=None, help="evaluate on this text file (default: the offline corpus)")

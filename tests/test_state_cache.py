@@ -157,3 +157,16 @@ def test_legacy_families_keep_kv_in_generate():
     ref = generate(model, ids, mask, cache=dynamic(model))
     out = generate(model, ids, mask)
     assert torch.equal(out.sequences, ref.sequences)
+
+
+@pytest.mark.parametrize("kind", FEATURE_KINDS)
+def test_softcapped_family_keeps_kv_where_scores_are_capped(kind):
+    """gemma2 softcaps its scores: taylor (scores) keeps K/V there; linear (no scores, softcap ignored) keeps state."""
+    model = tiny_model("gemma2")
+    ids, mask = left_padded_batch(model.config.vocab_size)
+    attnswap.swap_attention(model, kind)
+    ref = generate(model, ids, mask, cache=dynamic(model))
+    out = generate(model, ids, mask)
+    cache = out.past_key_values if hasattr(out, "past_key_values") else out.cache
+    assert isinstance(cache, attnswap.StateCache) == (kind == "linear")
+    assert torch.equal(out.sequences, ref.sequences)

@@ -134,6 +134,8 @@ class StateCache(Cache):
                 continue
             if idx >= len(layers) or type(layers[idx]) is not DynamicLayer:
                 continue  # sliding windows, shared or special layers keep what transformers gives them
+            if handle.kind.uses_scores and _softcapped(module):
+                continue  # softcapped scores have no feature map: this layer keeps K/V
             layers[idx] = StateLayer(idx, self)
             state_layers.append(idx)
         if not state_layers:
@@ -159,6 +161,14 @@ class StateCache(Cache):
                                                                      getattr(layer, "values", None))
                              if isinstance(t, torch.Tensor))
         return total
+
+
+def _softcapped(module) -> bool:
+    for where in (module, getattr(module, "config", None)):
+        for name in ("attn_logit_softcapping", "softcap"):
+            if getattr(where, name, None) is not None:
+                return True
+    return False
 
 
 def claim(key: torch.Tensor) -> StateLayer | None:
@@ -215,7 +225,7 @@ def state_attention(layer: StateLayer, spec, query, key, value, attention_mask, 
     if kind.state_features is None:
         raise AttnSwapError(f"StateCache layer {layer.layer_idx} runs kind {kind.name!r}, which has no recurrent "
                             "state; use a DynamicCache")
-    if softcap is not None:
+    if softcap is not None and kind.uses_scores:  # (kinds without scores ignore a softcap, as dispatch.run does)
         raise AttnSwapError(f"kind {kind.name!r} with the model's softcap has no recurrent form; use a DynamicCache")
     if need_weights:
         raise AttnSwapError("a StateCache returns no attention weights; use a DynamicCache with output_attentions")

@@ -156,5 +156,14 @@ def test_calibrate_and_transfer_commands_then_side_by_side_rows(tiny_dir, tmp_pa
     # calibrating again on the same (default) text gives the saved swap's numbers
     assert ppl[f"saved {cal}"] == pytest.approx(ppl["entmax alpha=1.5 calibrated"], rel=1e-6)
     assert ppl[f"saved {cal}"] != ppl["entmax alpha=1.5"] and ppl[f"saved {tr}"] != ppl["linear"]
+    # entropy and latency of fitted rows use the fitted swap (sparsemax: an alias whose pinned alpha is not an option)
+    out2 = tmp_path / "res2"
+    assert main(["eval", "all", "--model", tiny_dir, "--attn", f"sparsemax,sparsemax:calibrated,saved:{cal}",
+                 "--out", str(out2), "--max-tokens", "300", "--max-length", "128", "--entropy-tokens", "64",
+                 "--contexts", "32", "--new-tokens", "2", "--repeats", "1", "--fit-window", "64"]) == 0
+    results = json.loads((out2 / "results.json").read_text())
+    entropy = {r["attention"]: r for r in results["entropy"]}
+    assert entropy["sparsemax calibrated"]["metrics"] != entropy["sparsemax"]["metrics"]
+    assert entropy[f"saved {cal}"]["metrics"] != entropy["sparsemax"]["metrics"]
     assert main(["calibrate", "--model", tiny_dir, "--attn", "linear", "--out", cal]) == 2
     assert main(["eval", "ppl", "--model", tiny_dir, "--attn", f"saved:{tmp_path / 'nothing'}", "--out", str(out)]) == 2

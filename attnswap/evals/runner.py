@@ -120,7 +120,11 @@ def run_entropy(model, ids, specs: list[AttnSpec], *, writer=None) -> dict:
 
     stats = {}
     for spec in specs:
-        result = attention_stats(model, ids, kind=spec.kind or "softmax", layers=spec.layers, **spec.options)
+        if spec.swap_dir is not None or spec.calibrated or spec.transferred:  # a fitted swap: observe it as it is
+            with applied(model, spec):
+                result = attention_stats(model, ids, kind=None)
+        else:
+            result = attention_stats(model, ids, kind=spec.kind or "softmax", layers=spec.layers, **spec.options)
         stats[spec.label] = result
         if writer is not None:
             writer.add("entropy", {"attention": spec.label, **result.to_dict()})

@@ -73,7 +73,8 @@ class Kind:
 
         Score-based kinds also take ``score_scale``: one number, or one per query head, multiplying the scores
         before the kind's map (a temperature; what ``attnswap.calibrate`` fits)."""
-        options = dict(options)
+        # an alias's pinned value (sparsemax: alpha=2) may come back in resolved options: accept it as it is
+        options = {k: v for k, v in options.items() if not (k in self.fixed and v == self.fixed[k])}
         scale = options.pop(SCORE_SCALE, None)
         projection = options.pop(FEATURE_PROJ, None)
         if projection is not None and not isinstance(projection, FeatureProjection):

@@ -10,7 +10,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from kernel_env import DEV, S  # noqa: E402  (the interpreter is chosen in conftest.py)
+from kernel_env import DEV, S, make_qkv as make  # noqa: E402  (the interpreter is chosen in conftest.py)
 
 import attnswap  # noqa: E402
 import attnswap.kernels  # noqa: E402,F401  (registers the kernels)
@@ -25,14 +25,6 @@ from hypothesis import given, settings, strategies as st  # noqa: E402
 FWD_TOL = {("linear", torch.float32): 1e-5, ("taylor", torch.float32): 1e-4}
 LOW_TOL = 2e-2
 GRAD_TOL = 1e-4
-
-
-def make(b, hq, hkv, n, m, d, dtype=torch.float32, seed=0, dv=None):
-    g = torch.Generator().manual_seed(seed)
-    q = torch.randn(b, hq, n, d, generator=g)
-    k = torch.randn(b, hkv, m, d, generator=g)
-    v = torch.randn(b, hkv, m, dv or d, generator=g)
-    return [t.to(DEV, dtype) for t in (q, k, v)]
 
 
 def close(got, want, tol, what=""):

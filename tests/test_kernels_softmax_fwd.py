@@ -9,7 +9,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from kernel_env import CUDA, DEV, S  # noqa: E402  (the interpreter is chosen in conftest.py)
+from kernel_env import CUDA, DEV, S, make_qkv as make  # noqa: E402  (the interpreter is chosen in conftest.py)
 
 import attnswap  # noqa: E402
 import attnswap.kernels  # noqa: E402,F401  (registers the kernel)
@@ -19,14 +19,6 @@ from attnswap.kernels.flash_fwd import flash_forward, use_split_kv  # noqa: E402
 from hypothesis import given, settings, strategies as st  # noqa: E402
 
 TOL = {torch.float32: 1e-5, torch.float16: 2e-2, torch.bfloat16: 2e-2}
-
-
-def make(b, hq, hkv, n, m, d, dtype=torch.float32, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    q = torch.randn(b, hq, n, d, generator=g)
-    k = torch.randn(b, hkv, m, d, generator=g)
-    v = torch.randn(b, hkv, m, d, generator=g)
-    return [t.to(DEV, dtype) for t in (q, k, v)]
 
 
 def check(q, k, v, **kw):

@@ -24,6 +24,7 @@ from ..dispatch import run
 from ..errors import AttnSwapError
 from ..kinds.visibility import Visibility
 from ..observe import tapping
+from ..progress import progress_bar
 
 # coarse search (log2 of the scale), then finer steps around each head's best
 COARSE = tuple(x / 2 for x in range(-4, 7))  # scales 0.25 .. 8
@@ -187,7 +188,7 @@ def summary(method: str, ids, report: dict, **extra) -> dict:
 def fit_layers(modules, recorder, fit, desc: str, progress: bool):
     """``fit(calls) -> (layer options, report)`` for each recorded layer, freeing its inputs as it goes."""
     layer_options, report = {}, {}
-    bar = _bar(len(modules), desc, progress)
+    bar = progress_bar(len(modules), desc, progress)
     for index, module in modules:
         calls = recorder.calls[id(module)]
         if calls:
@@ -203,13 +204,3 @@ def fit_layers(modules, recorder, fit, desc: str, progress: bool):
 def _mean(values) -> float:
     values = list(values)
     return sum(values) / len(values) if values else math.nan
-
-
-def _bar(total: int, desc: str, enabled: bool):
-    if not enabled:
-        return None
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        return None
-    return tqdm(total=total, desc=desc, leave=False)

@@ -92,7 +92,7 @@ def load_swap(model, directory, *, impl: str | None = None):
         raise AttnSwapError(f"load_swap: the swap in {str(directory)!r} was saved from a model with other weights "
                             "(same architecture); calibrate this model again")
     options = record["options"]
-    per_layer = {int(i): _strip_fixed(record["kind"], o) for i, o in record["layer_options"].items()}
+    per_layer = {int(i): dict(o) for i, o in record["layer_options"].items()}
     if any(FEATURE_PROJ in o for o in per_layer.values()):
         from safetensors.torch import load_file
 
@@ -106,20 +106,12 @@ def load_swap(model, directory, *, impl: str | None = None):
                 o[FEATURE_PROJ] = FeatureProjection(tensors[f"{name}.weight"].to(device),
                                                     tensors[f"{name}.bias"].to(device))
     handle = swap_attention(model, record["kind"], layers=record["layers"], impl=impl or record["impl"],
-                            layer_options=per_layer, **_strip_fixed(record["kind"], options))
+                            layer_options=per_layer, **options)
     if record.get("calibration") is not None:
         handle.calibration = record["calibration"]
     if record.get("transfer") is not None:
         handle.transfer = record["transfer"]
     return handle
-
-
-def _strip_fixed(kind: str, options: dict) -> dict:
-    """Options an alias pins (sparsemax's alpha) are not options the user may pass."""
-    from .. import registry
-
-    fixed = registry.get(kind).fixed
-    return {k: (tuple(v) if isinstance(v, list) else v) for k, v in options.items() if k not in fixed}
 
 
 def _plain(options: dict) -> dict:

@@ -9,6 +9,7 @@ import torch
 
 from ..api import swapped
 from ..errors import AttnSwapError
+from ..progress import progress_bar
 from .specs import AttnSpec
 
 
@@ -85,14 +86,6 @@ def tokenize(tokenizer, text: str, max_tokens: int | None = None) -> torch.Tenso
     return ids[:, :max_tokens] if max_tokens else ids
 
 
-def _bar(total: int, desc: str, enabled: bool = True):
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        return None
-    return tqdm(total=total, desc=desc, leave=False, disable=not enabled)
-
-
 def run_perplexity(model, ids, specs: list[AttnSpec], *, max_length: int, stride: int | None, writer=None,
                    show: bool = True) -> list[dict]:
     from .perplexity import perplexity, windows
@@ -100,7 +93,7 @@ def run_perplexity(model, ids, specs: list[AttnSpec], *, max_length: int, stride
     rows, own = [], None
     total = len(windows(ids.shape[1], max_length, stride or max_length)) if ids.shape[1] >= max_length else 0
     for spec in [AttnSpec(None)] + specs:
-        bar = _bar(total, f"perplexity {spec.label}", show)
+        bar = progress_bar(total, f"perplexity {spec.label}", show)
         with applied(model, spec):
             result = perplexity(model, ids, max_length=max_length, stride=stride,
                                 progress=bar.update if bar else None)
@@ -137,7 +130,7 @@ def run_latency(model, specs: list[AttnSpec], *, contexts, batch_sizes, new_toke
 
     out = {}
     for spec in [AttnSpec(None)] + specs:
-        bar = _bar(len(contexts) * len(batch_sizes), f"latency {spec.label}", show)
+        bar = progress_bar(len(contexts) * len(batch_sizes), f"latency {spec.label}", show)
 
         def record(r, label=spec.label):
             if writer is not None:

@@ -191,7 +191,6 @@ def swap_attention(model: torch.nn.Module, kind: str, *, layers=None, impl: str 
     for index, extra in (layer_options or {}).items():
         if index not in chosen:
             raise AttnSwapError(f"layer_options names layer {index!r}, which is not swapped; swapped layers: {chosen}")
-        extra = {k: v for k, v in extra.items() if k not in kind_obj.fixed}  # resolved options carry alias pins
         per_layer[int(index)] = kind_obj.resolve({**options, **extra})
     handle = SwapHandle(model, kind_obj, resolved, chosen, impl, targets, per_layer)
     handle._activate()

@@ -7,10 +7,12 @@ import json
 import os
 import sys
 
+from .adapt.transfer import DEFAULT_LR, DEFAULT_STEPS
+
 DEFAULT_ATTN = "softmax,topk:k=64,entmax:alpha=1.5,sparsemax,linear,taylor"
-# the demo also shows what training-free calibration recovers (raw and calibrated rows side by side)
+# the demo also shows what training-free calibration and attention transfer recover (raw and fitted rows side by side)
 DEMO_ATTN = ("softmax,topk:k=64,entmax:alpha=1.5,entmax:alpha=1.5:calibrated,sparsemax,sparsemax:calibrated,linear,"
-             "taylor")
+             "taylor,window_linear,window_linear:transferred")
 
 PPL_COLUMNS = [("attention", "attention", None), ("ppl", "ppl", ".3f"), ("vs_own", "vs own", lambda v: f"{v:.3f}x"),
                ("nll_per_token", "nll/token", ".4f"), ("tokens", "tokens", None), ("seconds", "seconds", ".1f")]
@@ -204,7 +206,7 @@ def _add_eval_args(p, *, demo: bool = False) -> None:
         p.add_argument("--model", default=None, help="a Hugging Face model folder (default: SmolLM2-135M-Instruct)")
     p.add_argument("--attn", default=DEMO_ATTN if demo else DEFAULT_ATTN,
                    help="kinds to compare, e.g. softmax,topk:k=64,entmax:alpha=1.5; kind:...:calibrated and "
-                        "linear:transferred fit first, saved:DIR loads a saved swap")
+                        "kind:...:transferred (linear, taylor, window_linear) fit first, saved:DIR loads a saved swap")
     p.add_argument("--layers", default=None, help="swap only these layers: inclusive ranges and indices, e.g. 4-29 or 0,2,5 (default: all)")
     p.add_argument("--out", default="attnswap-results", help="folder for results.json/.jsonl/.md and plots")
     p.add_argument("--text-file", default=None, help="evaluate on this text file (default: the offline corpus)")
@@ -251,10 +253,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_demo)
     p = sub.add_parser("calibrate", help="fit per-layer, per-head score scales of a kind and save the swap")
     _add_adapt_args(p, example="entmax:alpha=1.5", windows=2)
-    p = sub.add_parser("transfer", help="learn query/key maps for linear or taylor (attention transfer), save the swap")
-    _add_adapt_args(p, example="linear", windows=8)
-    p.add_argument("--steps", type=int, default=300, help="Adam steps per layer")
-    p.add_argument("--lr", type=float, default=3e-3)
+    p = sub.add_parser("transfer", help="learn query/key maps for linear, taylor or window_linear (attention "
+                                        "transfer), save the swap")
+    _add_adapt_args(p, example="window_linear", windows=8)
+    p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="Adam steps per layer")
+    p.add_argument("--lr", type=float, default=DEFAULT_LR)
     sub.add_parser("lm-eval", help="lm-evaluation-harness with model 'attnswap' (arguments go to lm-eval)",
                    add_help=False)
     return parser

@@ -40,7 +40,7 @@ def run(kind: Kind, options: dict, query, key, value, vis: Visibility, *, scalin
     if kind.uses_scores and sinks is not None and sinks.shape != (query.shape[1],):
         raise AttnSwapError(f"sinks must have shape (Hq,) = ({query.shape[1]},), got {tuple(sinks.shape)}")
     if registry.SCORE_SCALE in options or registry.FEATURE_PROJ in options:  # learned/fitted, on every path
-        query, key, options = prepare_qk(options, query, key)
+        query, key, options = prepare_qk(options, query, key, keep_projection=kind.applies_feature_proj)
     tap = current_tap()
     if tap is not None:
         tap(module, query, key, value, vis, scaling=scaling, softcap=softcap, sinks=sinks)
@@ -55,7 +55,7 @@ def run(kind: Kind, options: dict, query, key, value, vis: Visibility, *, scalin
     base = registry.get(kind.alias_of) if kind.alias_of else kind  # aliases share their base's kernel
     # "auto" takes a kernel for CUDA tensors only; "triton" also runs it on CPU tensors under TRITON_INTERPRET=1
     if impl == "triton" or (impl == "auto" and base.kernel is not None and query.is_cuda):
-        supported, why = _kernel_supports(base, query, key, value, vis, kw)
+        supported, why = _kernel_supports(base, query, key, value, vis, {**kw, **options})
         if supported and impl != "triton" and base.name in _broken:
             supported, why = False, "its Triton kernel failed earlier in this process"
         if supported:
@@ -78,11 +78,12 @@ def run(kind: Kind, options: dict, query, key, value, vis: Visibility, *, scalin
     return out.to(query.dtype), (weights.to(query.dtype) if weights is not None else None)
 
 
-def prepare_qk(options: dict, query: torch.Tensor, key: torch.Tensor):
+def prepare_qk(options: dict, query: torch.Tensor, key: torch.Tensor, keep_projection: bool = False):
     """Apply the options that act on the inputs rather than on the kind: a learned ``feature_proj`` on queries and
-    keys, then a ``score_scale`` on the queries. Returns (query, key, the remaining options)."""
+    keys (unless the kind applies it itself: ``keep_projection``), then a ``score_scale`` on the queries. Returns
+    (query, key, the remaining options)."""
     options = dict(options)
-    projection = options.pop(registry.FEATURE_PROJ, None)
+    projection = None if keep_projection else options.pop(registry.FEATURE_PROJ, None)
     if projection is not None:
         query, key = project(projection, query, key)
     scale = options.pop(registry.SCORE_SCALE, None)

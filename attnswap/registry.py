@@ -64,6 +64,14 @@ class Kind:
     # feature-map kinds: (scaling, options) -> (phi, eps, sink_weight | None), so that decoding can keep the running
     # state sum_j phi(k_j) v_j^T instead of K/V (attnswap.StateCache)
     state_features: Callable | None = None
+    # the kind takes a learned ``feature_proj`` as an option and applies it itself, to its feature-map part only
+    # (window_linear); otherwise dispatch applies it to every query and key before the kind
+    applies_feature_proj: bool = False
+
+    @property
+    def transferable(self) -> bool:
+        """Has feature maps that ``attnswap.transfer`` can learn."""
+        return self.state_features is not None or self.applies_feature_proj
 
     def defaults(self) -> dict:
         return {o.name: o.default for o in self.options if o.name not in self.fixed}

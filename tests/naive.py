@@ -55,7 +55,9 @@ def _expand_kv(x, hq):
     return x.repeat_interleave(hq // hkv, dim=1)
 
 
-def _phi(x):
+def _phi(x, feature_map="elu"):
+    if feature_map == "hedgehog":  # [softmax(x), softmax(-x)] over the head dimension
+        return torch.cat([torch.softmax(x, -1), torch.softmax(-x, -1)], -1)
     return torch.nn.functional.elu(x) + 1.0
 
 
@@ -132,7 +134,8 @@ def naive_attention(
 
     if kind == "linear":
         eps = options.get("eps", 1e-6)
-        a = torch.einsum("bhid,bhjd->bhij", _phi(q64), _phi(k64)) * vis
+        fm = options.get("feature_map", "elu")
+        a = torch.einsum("bhid,bhjd->bhij", _phi(q64, fm), _phi(k64, fm)) * vis
         p = a / (a.sum(-1, keepdim=True) + eps)
     else:
         scale = d**-0.5 if scaling is None else scaling
@@ -170,6 +173,20 @@ def naive_attention(
             z = (alpha - 1.0) * S
             P, tau = _entmax_rows(z, V, alpha)
             outside = (V & (z.detach() - tau < -support_tol))[..., :m]
+        elif kind == "window_linear":
+            # exact softmax weights exp(s - max) on the row's first sink_tokens and last local_window visible keys
+            # (and the sink logit), feature-map weights on its other visible keys, one shared denominator
+            rank = torch.cumsum(vis.to(torch.int64), -1)
+            exact = vis & ((rank[..., -1:] - rank < options.get("local_window", 64)) |
+                           (rank <= options.get("sink_tokens", 4)))
+            fm = options.get("feature_map", "hedgehog")
+            lin = torch.einsum("bhid,bhjd->bhij", _phi(q64, fm), _phi(k64, fm)) * (vis & ~exact)
+            E = exact if sinks is None else torch.cat([exact, torch.ones(b, hq, n, 1, dtype=torch.bool)], -1)
+            lin = lin if sinks is None else torch.cat([lin, torch.zeros(b, hq, n, 1, dtype=F64)], -1)
+            top = torch.where(E, S, torch.full((), -math.inf, dtype=F64)).amax(-1, keepdim=True)
+            top = torch.where(torch.isfinite(top), top, torch.zeros((), dtype=F64))
+            w = torch.where(E, torch.exp(torch.where(E, S, top) - top), lin)
+            P = w / (w.sum(-1, keepdim=True) + options.get("eps", 1e-6))
         elif kind == "taylor":
             w = (1.0 + S + S * S / 2.0) * V
             tot = w.sum(-1, keepdim=True)

@@ -148,15 +148,19 @@ def test_eval_specs_for_calibrated_and_saved_rows():
     assert specs[0].calibrated and specs[1].swap_dir == "/some/dir" and not specs[2].calibrated
 
 
-@pytest.mark.parametrize("kind", ["linear", "taylor"])
-def test_transfer_learns_maps_that_lower_the_error_and_reload(tmp_path, kind):
+TRANSFERABLE = [("linear", {}), ("taylor", {}), ("linear", {"feature_map": "hedgehog"}),
+                 ("window_linear", {"local_window": 6, "sink_tokens": 2})]
+
+
+@pytest.mark.parametrize("kind,options", TRANSFERABLE, ids=lambda x: x if isinstance(x, str) else "-".join(map(str, x.values())))
+def test_transfer_learns_maps_that_lower_the_error_and_reload(tmp_path, kind, options):
     model = tiny_model("llama")
     ids, mask = left_padded_batch(model.config.vocab_size)
     own = logits(model, ids, mask)
     data = torch.randint(1, model.config.vocab_size, (256,), generator=torch.Generator().manual_seed(2))
-    attnswap.swap_attention(model, kind)
+    attnswap.swap_attention(model, kind, **options)
     raw = logits(model, ids, mask)
-    handle = attnswap.transfer(model, kind, data, window=64, max_windows=4, steps=60, lr=1e-2)
+    handle = attnswap.transfer(model, kind, data, window=64, max_windows=4, steps=60, lr=1e-2, **options)
     report = handle.transfer
     assert report["tokens"] == 256 and report["steps"] == 60
     assert report["mean_error_after"] < 0.9 * report["mean_error_before"]
@@ -171,7 +175,42 @@ def test_transfer_learns_maps_that_lower_the_error_and_reload(tmp_path, kind):
     loaded = attnswap.load_swap(tiny_model("llama"), tmp_path / "t")
     assert torch.equal(logits(loaded.model, ids, mask), transferred)
     assert loaded.transfer["mean_error_after"] == report["mean_error_after"]
-    assert_state_decoding_matches_kv(loaded.model, ids, mask)  # the state cache applies the learned maps too
+    if loaded.kind.state_features is not None:
+        assert_state_decoding_matches_kv(loaded.model, ids, mask)  # the state cache applies the learned maps too
+    else:
+        assert_cached_decoding_matches_full(loaded.model, ids, mask)
+
+
+def assert_cached_decoding_matches_full(model, ids, mask, steps=3):
+    """Prefill then one token at a time with a cache: the last logits equal one forward over everything."""
+    from transformers import DynamicCache
+    from attnswap.patches.state_cache import cache_argument
+
+    with torch.no_grad():
+        full = model(ids, attention_mask=mask).logits[:, -steps:]
+        cache, got = DynamicCache(config=model.config), []
+        model(ids[:, :-steps], attention_mask=mask[:, :-steps], use_cache=True, **{cache_argument(model): cache})
+        for t in range(ids.shape[1] - steps, ids.shape[1]):
+            out = model(ids[:, t:t + 1], attention_mask=mask[:, :t + 1], use_cache=True,
+                        **{cache_argument(model): cache})
+            got.append(out.logits[:, -1])
+    torch.testing.assert_close(torch.stack(got, 1), full, atol=1e-4, rtol=1e-4)
+
+
+def test_window_linear_projection_acts_on_its_linear_part_only():
+    """With every key inside the exact window, a window_linear swap with any learned map is the model's softmax."""
+    model = tiny_model("llama")
+    ids, mask = left_padded_batch(model.config.vocab_size)
+    own = logits(model, ids, mask)
+    data = torch.randint(1, model.config.vocab_size, (128,), generator=torch.Generator().manual_seed(3))
+    handle = attnswap.transfer(model, "window_linear", data, window=32, max_windows=4, steps=5, lr=0.1, local_window=4)
+    assert not torch.allclose(logits(model, ids, mask), own, atol=1e-3)
+    learned = {i: {"feature_proj": handle.options_of(i)["feature_proj"]} for i in handle.layers}
+    attnswap.restore_attention(model)
+    attnswap.swap_attention(model, "window_linear", local_window=ids.shape[1], sink_tokens=0, eps=0.0,
+                            layer_options=learned)
+    real = mask.bool()  # padded positions see no key at all: not compared
+    torch.testing.assert_close(logits(model, ids, mask)[real], own[real], atol=1e-5, rtol=1e-5)
 
 
 def test_transfer_bad_input():
@@ -185,3 +224,6 @@ def test_transfer_bad_input():
     with pytest.raises(attnswap.AttnSwapError, match="no feature map"):
         parse_attn("topk:k=4:transferred")
     assert parse_attn("linear:transferred")[0].label == "linear transferred"
+    assert parse_attn("window_linear:local_window=32:transferred")[0].transferred
+    with pytest.raises(attnswap.AttnSwapError, match="feature_map"):
+        attnswap.transfer(model, "window_linear", torch.arange(1, 200), window=64, feature_map="relu")

@@ -179,7 +179,7 @@ def test_linear_eps():
 
 
 def test_supports_declines():
-    """Dense masks, softcap (taylor), float biases and big head dims are declined with a reason."""
+    """Dense masks, softcap (taylor), float biases, big head dims and the hedgehog map are declined with a reason."""
     q, k, v = make(1, 2, 1, 8, 8, 16)
     dense = Visibility(n=8, m=8, mask=torch.ones(1, 1, 1, 8, 8, dtype=torch.bool, device=DEV))
     padding = Visibility(n=8, m=8, mask=torch.ones(1, 1, 1, 1, 8, dtype=torch.bool, device=DEV))
@@ -196,6 +196,10 @@ def test_supports_declines():
         attnswap.attention(q, k, v, "taylor", impl="triton", softcap=5.0)
     with pytest.raises(AttnSwapError, match="dense mask"):
         attnswap.attention(q, k, v, "linear", impl="triton", mask=torch.ones(1, 1, 8, 8, dtype=torch.bool))
+    ok, why = linear_kernel.supports(q, k, v, padding, feature_map="hedgehog")
+    assert not ok and "ELU+1" in why and "hedgehog" in why
+    with pytest.raises(AttnSwapError, match="ELU"):  # the option reaches the check through dispatch
+        attnswap.attention(q, k, v, "linear", impl="triton", feature_map="hedgehog")
 
 
 @settings(max_examples=8, deadline=None)

@@ -27,7 +27,10 @@ KINDS_OPTS = [
     ("entmax", {"alpha": 2.0}),
     ("sparsemax", {}),
     ("linear", {}),
+    ("linear", {"feature_map": "hedgehog"}),
     ("taylor", {}),
+    ("window_linear", {"local_window": 3, "sink_tokens": 2}),
+    ("window_linear", {"local_window": 5, "sink_tokens": 0, "feature_map": "elu"}),
 ]
 KIND_IDS = [k + "".join(f"-{n}{v}" for n, v in o.items()) for k, o in KINDS_OPTS]
 
@@ -205,9 +208,11 @@ def test_entmax_default_alpha_is_1_5(c):
 
 
 @settings(max_examples=50, **SETTINGS)
-@given(c=cases(scores=False), form=st.sampled_from(["auto", "quadratic", "linear_time"]), eps=st.sampled_from([None, 1e-3]))
-def test_linear(c, form, eps):
-    opts = {"form": form} if eps is None else {"form": form, "eps": eps}
+@given(c=cases(scores=False), form=st.sampled_from(["auto", "quadratic", "linear_time"]), eps=st.sampled_from([None, 1e-3]),
+       feature_map=st.sampled_from(["elu", "hedgehog"]))
+def test_linear(c, form, eps, feature_map):
+    opts = {"form": form, "feature_map": feature_map} if eps is None else {"form": form, "eps": eps,
+                                                                           "feature_map": feature_map}
     q, k, v, kw = build(c)
     if form == "linear_time" and c["mask"] not in ("none", "padding"):
         return  # the running-state form is only required for causal/window/key-padding layouts
@@ -221,6 +226,23 @@ def test_taylor(c, form):
     if form == "linear_time" and (c["mask"] not in ("none", "padding") or c["softcap"] is not None):
         return  # the running-state form cannot express arbitrary masks, biases or softcap
     check_against_naive(q, k, v, kw, "taylor", {"form": form}, atol=1e-5, rtol=2e-4)
+
+
+@settings(max_examples=60, **SETTINGS)
+@given(c=cases(), local_window=st.integers(1, 12), sink_tokens=st.integers(0, 4),
+       feature_map=st.sampled_from(["hedgehog", "elu"]))
+def test_window_linear(c, local_window, sink_tokens, feature_map):
+    q, k, v, kw = build(c)
+    check_against_naive(q, k, v, kw, "window_linear",
+                        {"local_window": local_window, "sink_tokens": sink_tokens, "feature_map": feature_map})
+
+
+@settings(max_examples=25, **SETTINGS)
+@given(c=cases())
+def test_window_linear_with_every_key_exact_is_softmax(c):
+    q, k, v, kw = build(c)
+    got = attnswap.attention(q, k, v, "window_linear", local_window=c["m"], sink_tokens=0, eps=0.0, **kw)
+    torch.testing.assert_close(got, attnswap.attention(q, k, v, "softmax", **kw), atol=1e-5, rtol=1e-4)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -110,7 +110,8 @@ def test_model_args_parsing_survives_lm_eval_cli():
         assert rest == {"pretrained": "x", "dtype": "float32"}
     assert lem.split_model_args({"attn": "entmax", "alpha": 2})[1] == {"alpha": 2.0}
     assert lem.split_model_args({"attn": "topk", "k": "8"})[1] == {"k": 8}
-    assert lem.split_model_args({"attn": "linear", "form": "quadratic"})[1] == {"eps": 1e-6, "form": "quadratic"}
+    assert lem.split_model_args({"attn": "linear", "form": "quadratic"})[1] == {"eps": 1e-6, "form": "quadratic",
+                                                                              "feature_map": "elu"}
     assert lem.split_model_args({})[:3] == ("softmax", {}, None)
 
 

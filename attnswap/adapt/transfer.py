@@ -1,7 +1,8 @@
-"""Attention transfer for the feature-map kinds (``linear``, ``taylor``), as in Hedgehog / LoLCATs: a learnable
-per-KV-head map on queries and keys, ``x -> W_h x + b_h`` (identity-initialised), applied before the kind's feature
-map and trained, layer by layer with everything else frozen, so that the kind's attention output matches the
-model's own softmax attention output on the same inputs.
+"""Attention transfer for the feature-map kinds (``linear`` with either map, ``taylor``, ``window_linear``), as in
+Hedgehog / LoLCATs: a learnable per-KV-head map on queries and keys, ``x -> W_h x + b_h`` (identity-initialised),
+applied before the kind's feature map (``window_linear``: before the feature map of its linear part only) and
+trained, layer by layer with everything else frozen, so that the kind's attention output matches the model's own
+softmax attention output on the same inputs.
 
 The inputs of every swapped layer are recorded once under the model's own attention (one forward per window, no
 gradient through the model); each layer's map is then fitted alone with Adam on those inputs (relative squared
@@ -22,7 +23,7 @@ from ..errors import AttnSwapError
 from ..registry import FEATURE_PROJ, FeatureProjection
 from .calibrate import _mean, calibration_windows, fit_layers, record_attention_inputs, softmax_targets, summary
 
-DEFAULT_WINDOW, DEFAULT_WINDOWS, DEFAULT_STEPS, DEFAULT_LR = 512, 8, 300, 3e-3
+DEFAULT_WINDOW, DEFAULT_WINDOWS, DEFAULT_STEPS, DEFAULT_LR = 512, 8, 150, 3e-3
 
 
 def _relative_error(out, target) -> torch.Tensor:
@@ -67,8 +68,8 @@ def transfer(model, kind: str, data, *, tokenizer=None, window: int = DEFAULT_WI
     from ..patches.swap import swap_attention
 
     kind_obj, resolved = registry.resolve(kind, options)
-    if kind_obj.state_features is None:
-        with_maps = ", ".join(n for n in registry.names() if registry.get(n).state_features is not None)
+    if not kind_obj.transferable:
+        with_maps = ", ".join(n for n in registry.names() if registry.get(n).transferable)
         raise AttnSwapError(f"attention transfer learns feature maps, and kind {kind!r} has none (kinds with feature "
                             f"maps: {with_maps}); score-based kinds are calibrated with attnswap.calibrate")
     if FEATURE_PROJ in options:

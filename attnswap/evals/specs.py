@@ -74,7 +74,7 @@ def parse_attn(spec: str, layers: list[int] | None = None) -> list[AttnSpec]:
         kind, _ = registry.resolve(name, options)  # unknown kind / option -> a clear error now, not mid-run
         if calibrated and not kind.uses_scores:
             raise AttnSwapError(f"attention spec {item!r}: kind {name!r} has no scores to calibrate")
-        if transferred and kind.state_features is None:
+        if transferred and not kind.transferable:
             raise AttnSwapError(f"attention spec {item!r}: kind {name!r} has no feature map to transfer to")
         if calibrated and transferred:
             raise AttnSwapError(f"attention spec {item!r}: choose calibrated or transferred, not both")

@@ -84,6 +84,7 @@ def scored_attention(
     pair_scores: Callable | None = None,
     observe=None,
     fused: Callable | None = None,
+    pair_weights: Callable | None = None,
 ):
     """Attention whose weights are ``normalize`` of each row's scores, in blocks.
 
@@ -92,7 +93,8 @@ def scored_attention(
     ``scaling * q.k`` (the feature-map kinds). ``observe(p, visible, q0=, k0=, rows=, heads=)`` sees every
     weight block (see ``attnswap.observe``). ``fused(qb, kb, vb, visible, dropout) -> out`` computes a whole block
     at once when nothing but the mask applies (no softcap, sinks, bias, weights or observer): softmax uses
-    torch's fused SDPA kernels there.
+    torch's fused SDPA kernels there. ``pair_weights(qb, kb, heads)`` computes a second per-pair block (feature-map
+    weights beside the scores: window_linear) that ``normalize`` receives as ``pairs=`` (0 in a sink's column).
     """
     b, hq, n, _ = query.shape
     hkv, m, dv = key.shape[1], key.shape[2], value.shape[-1]
@@ -102,7 +104,8 @@ def scored_attention(
     score_fn = pair_scores or (lambda qb, kb: dot_scores(qb, kb, scaling))
     device = query.device
 
-    use_fused = fused is not None and softcap is None and sink_g is None and not need_weights and observe is None
+    use_fused = (fused is not None and softcap is None and sink_g is None and not need_weights and observe is None
+                 and pair_weights is None)
 
     def block(qb, kb, vb, sink, q0, q1, k0, k1, rows, heads):
         if use_fused:
@@ -115,11 +118,15 @@ def scored_attention(
         visible, bias = vis.block(q0, q1, k0, k1, rows, heads, device)
         if bias is not None:
             s = s + bias
+        extra = {}
+        if pair_weights is not None:
+            pairs = pair_weights(qb.float(), kb.float(), heads)
+            extra["pairs"] = pairs if sink is None else F.pad(pairs, (0, 1))
         if sink is not None:
             s, with_sink = with_sink_column(s, visible, sink)
-            p = normalize(s, with_sink, **options)[..., :-1]
+            p = normalize(s, with_sink, **extra, **options)[..., :-1]
         else:
-            p = normalize(s, visible, **options)
+            p = normalize(s, visible, **extra, **options)
         if observe is not None:
             observe(p.detach(), visible, q0=q0, k0=k0, rows=rows, heads=heads)
         if dropout > 0.0:

@@ -151,6 +151,29 @@ def test_model_is_swapped(tiny_dir):
     assert current_swap(make_lm(f"pretrained={tiny_dir},attn=none").model) is None
 
 
+def test_saved_swap_is_loaded_by_model_args(tiny_dir, tmp_path):
+    """swap=DIR loads a calibrated swap (per-layer score scales) saved beside the model, and gives its numbers."""
+    import attnswap
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    data = torch.randint(3, model.config.vocab_size, (256,), generator=torch.Generator().manual_seed(0))
+    fitted = attnswap.calibrate(model, "entmax", data, window=64, max_windows=2, alpha=1.5)
+    attnswap.save_swap(model, tmp_path / "cal")
+    lm = make_lm(f"pretrained={tiny_dir},swap={tmp_path / 'cal'}")
+    handle = current_swap(lm.model)
+    assert handle.kind.name == "entmax" and lm.get_model_info()["attnswap_kind"] == "entmax"
+    assert handle.options_of(1)["score_scale"] == fitted.options_of(1)["score_scale"]
+    reqs = ll_requests(4)
+    calibrated, _ = loglikelihoods(lm, reqs, 1)
+    raw, _ = loglikelihoods(make_lm(f"pretrained={tiny_dir},attn=entmax,alpha=1.5"), reqs, 1)
+    assert (calibrated - raw).abs().max() > 1e-3
+    with pytest.raises(AttnSwapError, match="do not also give 'attn'"):
+        make_lm(f"pretrained={tiny_dir},swap={tmp_path / 'cal'},attn=topk")
+    with pytest.raises(AttnSwapError, match="no saved swap"):
+        make_lm(f"pretrained={tiny_dir},swap={tmp_path / 'missing'}")
+
+
 def test_loglikelihood_batching_and_swap(tiny_dir):
     """HFLM right-pads loglikelihood batches and passes no attention mask: with causal attention the padding can
     not reach the scored tokens, so batch_size 1 and 4 agree, for the model's own attention and swapped kinds;

@@ -15,6 +15,9 @@ Importing this module registers the model with lm-eval. From the command line::
 - ``layers=SPEC`` which attention layers to swap (default all): indices and inclusive ranges joined by ``;``
   (``,`` separates model_args), e.g. ``layers=0-3`` (0,1,2,3), ``layers=0;5;7``, ``layers=0-3;8-11``;
 - ``impl=auto|torch|triton`` (default auto);
+- ``swap=DIR`` instead of ``attn``/options/``layers``: a swap saved with ``attnswap.save_swap`` (or by
+  ``attnswap calibrate``/``attnswap transfer``), with its per-layer options and learned maps; it is checked to
+  belong to this model;
 - everything else goes to lm-eval's ``HFLM`` (``dtype``, ``max_length``, ``batch_size``, ...).
 
 ``main(argv)`` runs lm-eval's own CLI with ``argv`` and adds ``--include_path`` to attnswap's task folder
@@ -125,11 +128,25 @@ def split_model_args(kwargs: dict) -> tuple[str, dict, list[int] | None, str, di
     return kind_name, options, layers, impl, kwargs
 
 
+def split_swap_arg(kwargs: dict) -> tuple[str | None, dict]:
+    """Take ``swap=DIR`` (a saved swap) out of model_args; it replaces attn, the kind's options and layers."""
+    kwargs = dict(kwargs)
+    swap_dir = kwargs.pop("swap", None)
+    if swap_dir is None:
+        return None, kwargs
+    clash = sorted(n for n in kwargs if n in ("attn", "layers") or n in _all_option_names())
+    if clash:
+        raise AttnSwapError(f"model_args swap={swap_dir} loads a saved swap with its own kind, options and layers; "
+                            f"do not also give {', '.join(map(repr, clash))}")
+    return str(swap_dir), kwargs
+
+
 @register_model(MODEL_NAME)
 class AttnSwapLM(HFLM):
     """lm-eval's HFLM with attnswap's attention: ``--model attnswap --model_args pretrained=DIR,attn=topk,k=32``."""
 
     def __init__(self, pretrained: Any = "default", **kwargs):
+        swap_dir, kwargs = split_swap_arg(kwargs)
         kind, options, layers, impl, rest = split_model_args(kwargs)
         if isinstance(pretrained, str) and pretrained.strip().lower() in ("", "default"):
             from ..default_model import default_model_path
@@ -141,11 +158,17 @@ class AttnSwapLM(HFLM):
             raise AttnSwapError(f"{e} (attnswap's model_args are attn, layers, impl and the options of attention "
                                 f"kind {kind!r}: {_valid_options(kind)}; the rest go to lm-eval's HFLM and on to "
                                 "from_pretrained)") from e
-        self.attn_kind, self.attn_options, self.attn_layers, self.attn_impl = kind, options, layers, impl
-        from .. import swap_attention
+        from .. import load_swap, swap_attention
 
-        self.swap_handle = (None if kind == "none" else
-                            swap_attention(self.model, kind, layers=layers, impl=impl, **options))
+        if swap_dir is not None:
+            self.swap_handle = load_swap(self.model, swap_dir)
+            kind, layers = self.swap_handle.kind.name, self.swap_handle.layers
+            options = {k: v for k, v in self.swap_handle.options.items() if k not in self.swap_handle.kind.fixed}
+        else:
+            self.swap_handle = (None if kind == "none" else
+                                swap_attention(self.model, kind, layers=layers, impl=impl, **options))
+        self.attn_kind, self.attn_options, self.attn_layers, self.attn_impl = kind, options, layers, impl
+        self.attn_swap_dir = swap_dir
         self._fix_cpu_data_parallel()
 
     def _fix_cpu_data_parallel(self) -> None:
@@ -159,7 +182,7 @@ class AttnSwapLM(HFLM):
     def get_model_info(self) -> dict:
         info = super().get_model_info()
         info.update(attnswap_kind=self.attn_kind, attnswap_options=self.attn_options,
-                    attnswap_layers=self.attn_layers)
+                    attnswap_layers=self.attn_layers, attnswap_swap_dir=self.attn_swap_dir)
         return info
 
 

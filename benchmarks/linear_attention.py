@@ -1,5 +1,6 @@
-"""Speed of the linear-time kinds (``linear``, ``taylor``): prefill time against N versus our ``softmax`` kernel
-and SDPA, and decode tokens/s and cache memory against the context length, on a GPU and on the CPU.
+"""Speed of the linear-time kinds (``linear``, ``taylor``, ``window_linear``): prefill time against N versus
+our ``softmax`` kernel and SDPA, and decode tokens/s and cache memory against the context length, on a GPU and
+on the CPU.
 
     python benchmarks/linear_attention.py [--modes prefill,decode] [--lengths 1k,4k,16k] [--device cpu --threads 2]
     python benchmarks/linear_attention.py --smoke --device cpu          # tiny sizes, seconds
@@ -10,9 +11,9 @@ the PyTorch paths (``--impl torch``), against the ``softmax`` reference and SDPA
 
 decode: a model (``--model tiny``: a random Llama with SmolLM2's head layout; ``--model default``: SmolLM2-135M)
 swapped to each kind generates ``--new-tokens`` tokens after a context of L tokens with ``attnswap.StateCache``
-(its recurrent state); the baseline is the same model on its own attention with a ``DynamicCache``. Recorded:
-ms per decoded token (the steps after the first, clocked at each step), tokens/s, prefill ms, cache bytes and
-their ratio to the KV cache. Skipped with a note while ``attnswap.StateCache`` does not exist.
+(its recurrent state; ``window_linear`` has none yet and decodes with a ``DynamicCache``); the baseline is the
+same model on its own attention with a ``DynamicCache``. Recorded: ms per decoded token (the steps after the
+first, clocked at each step), tokens/s, prefill ms, cache bytes and their ratio to the KV cache. Skipped with a note while ``attnswap.StateCache`` does not exist.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help=f"decode context L; default {GPU_DECODE} on GPU, {CPU_DECODE} on CPU")
     ap.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
     ap.add_argument("--modes", default="prefill,decode", help="prefill,decode")
-    ap.add_argument("--kinds", default="linear,taylor", help="linear,taylor")
+    ap.add_argument("--kinds", default="linear,taylor,window_linear", help="linear,taylor,window_linear")
     ap.add_argument("--form", default="auto", choices=("auto", "quadratic", "linear_time"),
                     help="the form option of the kinds (auto picks linear_time on long inputs)")
     ap.add_argument("--batch", type=int, default=1)
@@ -69,7 +70,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.heads % args.kv_heads:
         raise SystemExit(f"--heads ({args.heads}) must be a multiple of --kv-heads ({args.kv_heads})")
     args.modes = choices("--modes", args.modes, ("prefill", "decode"))
-    args.kinds = choices("--kinds", args.kinds, ("linear", "taylor"))
+    args.kinds = choices("--kinds", args.kinds, ("linear", "taylor", "window_linear"))
     return args
 
 
@@ -224,8 +225,11 @@ def decode(args, device: str, emit) -> None:
                                **base)))
         for kind in args.kinds:
             try:
-                with attnswap.swapped(model, kind):
-                    got = decode_one(model, ids, lambda: state_cache(model), lambda c: c.nbytes(), args, device)
+                with attnswap.swapped(model, kind) as handle:
+                    if handle.kind.state_features is not None:
+                        got = decode_one(model, ids, lambda: state_cache(model), lambda c: c.nbytes(), args, device)
+                    else:  # no recurrent state (window_linear): it decodes with K/V
+                        got = decode_one(model, ids, DynamicCache, kv_cache_bytes, args, device)
             except Exception as err:  # noqa: BLE001
                 got = {"ms": None, "error": error_text(err)}
             kv = base.get("cache_bytes")

@@ -150,10 +150,12 @@ def test_linear_attention_smoke(tmp_path, one_thread_here):
     assert results_snapshot() == before, "the smoke run wrote into benchmarks/results"
     prefill = [r for r in lines if r["mode"] == "prefill"]
     assert {(r["kind"], r["impl"]) for r in prefill} == {("softmax", "torch"), ("softmax", "sdpa"),
-                                                         ("linear", "torch"), ("taylor", "torch")}
+                                                         ("linear", "torch"), ("taylor", "torch"),
+                                                         ("window_linear", "torch")}
     assert all((r["hq"], r["hkv"], r["d"], r["b"]) == (9, 3, 64, 1) for r in prefill)
     decode = [r for r in lines if r["mode"] == "decode"]
-    assert {(r["kind"], r["n"]) for r in decode} == {(k, n) for k in ("softmax", "linear", "taylor") for n in (16, 48)}
+    assert {(r["kind"], r["n"]) for r in decode} == {(k, n) for k in ("softmax", "linear", "taylor", "window_linear")
+                                                     for n in (16, 48)}
     for row in decode:
         assert row["tokens_per_s"] == pytest.approx(1e3 / row["ms"]) and row["prefill_ms"] > 0
         assert row["cache_bytes"] > 0

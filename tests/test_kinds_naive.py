@@ -245,6 +245,47 @@ def test_window_linear_with_every_key_exact_is_softmax(c):
     torch.testing.assert_close(got, attnswap.attention(q, k, v, "softmax", **kw), atol=1e-5, rtol=1e-4)
 
 
+@settings(max_examples=40, **SETTINGS)
+@given(b=st.integers(1, 2), hkv=st.integers(1, 2), g=st.integers(1, 3), n=st.integers(1, 70), extra=st.integers(0, 40),
+       local_window=st.integers(1, 40), sink_tokens=st.integers(0, 5), padding=st.sampled_from(["none", "left", "right"]),
+       softcap=st.sampled_from([None, 5.0]), sinks=st.booleans(), projected=st.booleans(), seed=st.integers(0, 2**31 - 1))
+def test_window_linear_forms_agree(b, hkv, g, n, extra, local_window, sink_tokens, padding, softcap, sinks, projected,
+                                   seed):
+    """The linear-time form (sink and window keys exact per query chunk, older keys from a running state) equals the
+    quadratic form, with chunks of 16 so that several chunks, window bands and state updates are crossed."""
+    from unittest import mock
+
+    from attnswap.kinds import feature_map, window_linear
+    from attnswap.registry import FeatureProjection
+
+    gen = torch.Generator().manual_seed(seed)
+    m, d = n + extra, 8
+    q, k, v = (torch.randn(b, hkv * g, n, d, generator=gen), torch.randn(b, hkv, m, d, generator=gen),
+               torch.randn(b, hkv, m, 5, generator=gen))
+    cut = torch.randint(0, m + 1, (b,), generator=gen)
+    j = torch.arange(m)[None]
+    mask = {"none": None, "left": j >= cut[:, None], "right": j < cut[:, None]}[padding]
+    kw = dict(causal=True, mask=None if mask is None else mask[:, None, None], softcap=softcap,
+              sinks=torch.randn(hkv * g, generator=gen) if sinks else None)
+    opts = dict(local_window=local_window, sink_tokens=sink_tokens)
+    if projected:
+        opts["feature_proj"] = FeatureProjection(torch.eye(d) + 0.3 * torch.randn(hkv, d, d, generator=gen),
+                                                 0.3 * torch.randn(hkv, d, generator=gen))
+    with mock.patch.object(window_linear, "CHUNK", 16), mock.patch.object(feature_map, "CHUNK", 16):
+        fast = attnswap.attention(q, k, v, "window_linear", form="linear_time", **kw, **opts)
+    slow = attnswap.attention(q, k, v, "window_linear", form="quadratic", **kw, **opts)
+    torch.testing.assert_close(fast, slow, atol=1e-5, rtol=1e-4)
+
+
+def test_window_linear_linear_time_needs_one_run_of_real_keys():
+    q = torch.randn(1, 2, 8, 4)
+    holes = torch.tensor([True, False, True, True, True, True, True, True]).view(1, 1, 1, 8)
+    for bad in (dict(causal=True, mask=holes), dict(causal=False), dict(causal=True, window=4)):
+        with pytest.raises(attnswap.AttnSwapError, match="one run per row"):
+            attnswap.attention(q, q, q, "window_linear", form="linear_time", **bad)
+        attnswap.attention(q, q, q, "window_linear", **bad)  # auto: the quadratic form
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # linear / taylor: quadratic vs linear-time form on longer sequences
 

@@ -30,9 +30,11 @@ def linear_time_attention(
     eps: float = 0.0,
     extra_den: torch.Tensor | None = None,
     chunk: int | None = None,
-) -> torch.Tensor:
+    parts: bool = False,
+):
     """``vis`` must be structured (causal/window/key padding only). ``extra_den`` (Hq,) joins every
-    denominator (an attention sink's weight). Returns out (b,Hq,n,dv) fp32."""
+    denominator (an attention sink's weight). Returns out (b,Hq,n,dv) fp32, or with ``parts`` the numerator
+    (b,Hq,n,dv) and denominator (b,Hq,n) before the division (and without eps), to combine with other terms."""
     assert vis.is_structured and not vis.has_bias
     chunk = chunk or CHUNK
     b, hq, n, _ = query.shape
@@ -92,8 +94,13 @@ def linear_time_attention(
             den = den + a_ij.sum(-1)
         if extra_den is not None:
             den = den + extra_den.float().reshape(1, hkv, -1, 1)
+        if parts:
+            outs.append((num, den))
+            continue
         den = den + eps
         outs.append(num / torch.where(den == 0, torch.ones_like(den), den).unsqueeze(-1))
+    if parts:
+        return tuple(ungroup_heads(torch.cat(x, dim=3)) for x in zip(*outs))
     out = torch.cat(outs, dim=3) if len(outs) > 1 else outs[0]
     return ungroup_heads(out)
 

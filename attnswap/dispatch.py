@@ -94,17 +94,10 @@ def prepare_qk(options: dict, query: torch.Tensor, key: torch.Tensor, keep_proje
 
 def project(projection, query: torch.Tensor, key: torch.Tensor):
     """query (b, Hq, n, d), key (b, Hkv, m, d) -> both through the per-KV-head map (in fp32, back to their dtype)."""
-    weight, bias = projection.weight, projection.bias
     b, hq, n, d = query.shape
     hkv = key.shape[1]
-    if weight.shape != (hkv, d, d):
-        raise AttnSwapError(f"feature_proj has weight {tuple(weight.shape)}, but this attention has {hkv} KV heads "
-                            f"of dim {d} (needs ({hkv}, {d}, {d}))")
-    w = weight.to(query.device, torch.float32).transpose(-1, -2)  # x @ W.T
-    bias = bias.to(query.device, torch.float32)
-    qg = query.float().reshape(b, hkv, hq // hkv, n, d)
-    q2 = (torch.matmul(qg, w[None, :, None]) + bias[None, :, None, None]).reshape(b, hq, n, d)
-    k2 = torch.matmul(key.float(), w[None]) + bias[None, :, None]
+    q2 = projection.apply(query.reshape(b, hkv, hq // hkv, n, d)).reshape(b, hq, n, d)
+    k2 = projection.apply(key[:, :, None])[:, :, 0]
     return q2.to(query.dtype), k2.to(key.dtype)
 
 

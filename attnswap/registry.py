@@ -6,6 +6,8 @@ import numbers
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+import torch
+
 from .errors import AttnSwapError
 
 
@@ -118,6 +120,16 @@ class FeatureProjection:
 
     weight: Any
     bias: Any
+
+    def apply(self, x, heads=slice(None)):
+        """Grouped queries or keys (rows, Hkv-slice, G|1, n, d) through the maps of those KV heads, in fp32."""
+        weight = self.weight.to(x.device, torch.float32)[heads]
+        bias = self.bias.to(x.device, torch.float32)[heads]
+        if weight.shape[0] != x.shape[1] or weight.shape[-1] != x.shape[-1]:
+            raise AttnSwapError(f"feature_proj has weight {tuple(self.weight.shape)}, but this attention has "
+                                f"{x.shape[1]} KV heads of dim {x.shape[-1]} (needs ({x.shape[1]}, {x.shape[-1]}, "
+                                f"{x.shape[-1]}))")
+        return torch.matmul(x.float(), weight.transpose(-1, -2)[None, :, None]) + bias[None, :, None, None]
 
     def __repr__(self):
         return f"FeatureProjection(heads={self.weight.shape[0]}, dim={self.weight.shape[-1]})"

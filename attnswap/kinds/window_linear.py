@@ -63,18 +63,6 @@ def make_normalize(window: int, sink_tokens: int, eps: float, sink_column: bool)
     return normalize
 
 
-def project_block(x: torch.Tensor, projection, heads) -> torch.Tensor:
-    """A grouped block (rows, Hkv-slice, G|1, c, d) through the learned per-KV-head map of those heads (fp32)."""
-    if projection is None:
-        return x
-    weight = projection.weight.to(x.device, torch.float32)[heads]
-    bias = projection.bias.to(x.device, torch.float32)[heads]
-    if weight.shape[-1] != x.shape[-1] or weight.shape[0] != x.shape[1]:
-        raise AttnSwapError(f"feature_proj has weight {tuple(projection.weight.shape)}, which does not fit this "
-                            f"attention's KV heads of dim {x.shape[-1]}")
-    return torch.matmul(x, weight.transpose(-1, -2)[None, :, None]) + bias[None, :, None, None]
-
-
 def real_runs(vis: Visibility, batch: int):
     """Per batch row, the (start, length) of its real keys when they form one run (no padding, left or right
     padding) shared by all heads; None otherwise (holes, per-head padding)."""
@@ -147,8 +135,8 @@ def linear_time_forward(query, key, value, vis, runs, *, window, sink_tokens, ph
         num, den = ungroup_heads(num), ungroup_heads(den)
         older = length - window - sink_tokens  # keys that can be linear: [sink_tokens, length - window)
         if older > 0:
-            pq = ungroup_heads(project_block(qg.float(), projection, slice(None)))
-            pk = project_block(kg.float(), projection, slice(None))[:, :, 0, sink_tokens:]
+            pq = ungroup_heads(qg.float() if projection is None else projection.apply(qg))
+            pk = (kg.float() if projection is None else projection.apply(kg))[:, :, 0, sink_tokens:]
             # queries with p + offset + 1 <= length: the older keys before their own window (causal); the later
             # ones (right padding) all see the run's end
             split = max(0, min(n, length - offset - 1))
@@ -167,10 +155,8 @@ def linear_time_forward(query, key, value, vis, runs, *, window, sink_tokens, ph
 
 
 def forward(query, key, value, vis, *, local_window, sink_tokens, feature_map, eps, form="auto", scaling,
-            softcap=None, sinks=None, dropout=0.0, need_weights=False, observe=None, **learned):
-    projection = learned.pop(registry.FEATURE_PROJ, None)
-    if learned:
-        raise AttnSwapError(f"unexpected options for kind 'window_linear': {sorted(learned)}")
+            softcap=None, sinks=None, dropout=0.0, need_weights=False, observe=None, feature_proj=None):
+    projection = feature_proj  # the learned map (registry.FEATURE_PROJ), for the linear part only
     phi = FEATURE_MAPS[feature_map]
     n, m = query.shape[2], key.shape[2]
     runs = real_runs(vis, query.shape[0]) if vis.is_structured and vis.causal and vis.window is None else None
@@ -186,7 +172,9 @@ def forward(query, key, value, vis, *, local_window, sink_tokens, feature_map, e
         return out, None
 
     def pair_weights(qb, kb, heads):
-        fq, fk = phi(project_block(qb, projection, heads)), phi(project_block(kb, projection, heads))
+        if projection is not None:
+            qb, kb = projection.apply(qb, heads), projection.apply(kb, heads)
+        fq, fk = phi(qb), phi(kb)
         return torch.matmul(fq, fk.transpose(-1, -2))
 
     normalize = make_normalize(local_window, sink_tokens, eps, sink_column=sinks is not None)

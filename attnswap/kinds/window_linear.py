@@ -156,24 +156,27 @@ def linear_time_forward(query, key, value, vis, runs, *, window, sink_tokens, ph
 
 def forward(query, key, value, vis, *, local_window, sink_tokens, feature_map, eps, form="auto", scaling,
             softcap=None, sinks=None, dropout=0.0, need_weights=False, observe=None, feature_proj=None):
-    projection = feature_proj  # the learned map (registry.FEATURE_PROJ), for the linear part only
     phi = FEATURE_MAPS[feature_map]
     n, m = query.shape[2], key.shape[2]
-    runs = real_runs(vis, query.shape[0]) if vis.is_structured and vis.causal and vis.window is None else None
-    if runs is None and form == "linear_time":
-        raise AttnSwapError("kind 'window_linear' with form='linear_time' needs causal attention without a sliding "
-                            "window whose real keys form one run per row (no padding, left or right padding); use "
-                            "form='quadratic' or 'auto'")
-    if runs is not None and use_linear_time(form, "window_linear", vis, n=n, m=m, min_keys=MIN_KEYS_LINEAR_TIME,
-                                            dropout=dropout, need_weights=need_weights or observe is not None):
+    causal_only = vis.is_structured and vis.causal and vis.window is None
+    runs = None  # the real keys' runs are looked at only when the linear-time form is wanted
+    if (causal_only or form == "linear_time") and use_linear_time(
+            form, "window_linear", vis, n=n, m=m, min_keys=MIN_KEYS_LINEAR_TIME, dropout=dropout,
+            need_weights=need_weights or observe is not None):
+        runs = real_runs(vis, query.shape[0]) if causal_only else None
+        if runs is None and form == "linear_time":
+            raise AttnSwapError("kind 'window_linear' with form='linear_time' needs causal attention without a "
+                                "sliding window whose real keys form one run per row (no padding, left or right "
+                                "padding); use form='quadratic' or 'auto'")
+    if runs is not None:
         out = linear_time_forward(query, key, value, vis, runs, window=local_window, sink_tokens=sink_tokens,
                                   phi=phi, eps=eps, scaling=scaling, softcap=softcap, sinks=sinks,
-                                  projection=projection)
+                                  projection=feature_proj)
         return out, None
 
-    def pair_weights(qb, kb, heads):
-        if projection is not None:
-            qb, kb = projection.apply(qb, heads), projection.apply(kb, heads)
+    def pair_weights(qb, kb, heads):  # the learned map acts on the linear part only
+        if feature_proj is not None:
+            qb, kb = feature_proj.apply(qb, heads), feature_proj.apply(kb, heads)
         fq, fk = phi(qb), phi(kb)
         return torch.matmul(fq, fk.transpose(-1, -2))
 

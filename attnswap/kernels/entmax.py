@@ -27,7 +27,7 @@ import triton.language as tl
 from .entmax_threshold import OUTSIDE_BAND, load_kt, power_mode, powers, tau_kernel, z_tile
 from .softmax import flat_mask
 from .tiles import check_shapes, common_support, dot_f32, dot_prec, key_band, mask_view, query_band, scores, visible
-from .tuning import interpreting
+from .tuning import candidates, interpreting
 
 MAX_ITER = 64  # Newton passes at most (each a pass over the key band)
 TOL = 1e-6  # a row has converged when its Newton step is below TOL * max(1, |tau|)
@@ -233,8 +233,9 @@ _WARP_STAGES = [(4, 2), (4, 3), (8, 2), (8, 3)]
 def _tuned(fn, key):
     if interpreting():
         return fn
-    return triton.autotune(configs=[triton.Config({}, num_warps=w, num_stages=s) for w, s in _WARP_STAGES],
-                           key=key)(fn)
+    return triton.autotune(
+        configs=[triton.Config({}, num_warps=w, num_stages=s) for w, s in candidates(_WARP_STAGES)],
+        key=key)(fn)
 
 
 _tau_run = _tuned(tau_kernel, _TUNE_KEY)

@@ -15,11 +15,21 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def candidates(choices: list) -> list:
+    """The autotune candidates, largest first: all of them, or with ``ATTNSWAP_AUTOTUNE=0`` only the first and the
+    last (the smallest, which every shape can take): two compiles per key instead of up to ten, for test runs on
+    a GPU where many shapes each compile their own kernels."""
+    if os.environ.get("ATTNSWAP_AUTOTUNE", "1") == "0" and len(choices) > 2:
+        return [choices[0], choices[-1]]
+    return list(choices)
+
+
 def configs(shapes) -> list:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) tuples -> autotune configs (one small one in the interpreter)."""
     if interpreting():
         return [triton.Config(dict(INTERPRETER_BLOCKS), num_warps=1, num_stages=1)]
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in shapes]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+            for bm, bn, w, s in candidates(shapes)]
 
 
 def pruner(heavy):

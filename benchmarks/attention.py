@@ -45,6 +45,7 @@ def main() -> None:
     ap.add_argument("--max-n", type=int, default=32768)
     ap.add_argument("--max-kv", type=int, default=131072)
     ap.add_argument("--quick", action="store_true", help="N in 1k, 4k, 16k only; KV in 1k, 16k, 128k")
+    ap.add_argument("--out", default=None, help="folder of the JSON lines (default benchmarks/results)")
     ap.add_argument("--no-record", action="store_true")
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -80,7 +81,7 @@ def main() -> None:
         if f.get("baseline_ms") and f.get("ms"):
             f["speedup"] = f["baseline_ms"] / f["ms"]
         if not args.no_record:
-            record(dev, **f)
+            record(dev, out_dir=args.out, **f)
         rows.append(f)
         tf = f"{f['tflops']:.1f}" if f.get("tflops") is not None else "-"
         sp = f"{f['speedup']:.2f}x" if f.get("speedup") else "-"

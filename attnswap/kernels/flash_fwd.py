@@ -199,8 +199,10 @@ def _fwd_kernel(Q, K, V, O, LSE, SINKS, MASK, THR,
     tl.store(LSE + bh.to(tl.int64) * N_Q + offs_m, lse, mask=row_ok)
 
 
+# (128, 32, 4 warps, 2 stages) is left out: with head dim 64 and no causal mask it made an illegal memory access on
+# an H200 (triton 3.6; every other config gave SDPA's output: benchmarks/results/logs/NVIDIA-H200-flash-fwd-configs.log)
 _CONFIGS = configs([(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (64, 64, 4, 2),
-                    (128, 32, 4, 2), (64, 32, 4, 2), (32, 32, 4, 2), (16, 32, 4, 2), (16, 16, 2, 1)])
+                    (64, 32, 4, 2), (32, 32, 4, 2), (16, 32, 4, 2), (16, 16, 2, 1)])
 # wide heads and fp32 keep to tiles of at most 64 x 64 and two stages (shared memory)
 _prune = pruner(lambda bm, bn, stages: bn > 64 or bm * bn > 64 * 64 or stages > 2)
 

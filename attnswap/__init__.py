@@ -25,6 +25,7 @@ from .errors import AttnSwapError, UnsupportedModelError
 from .patches.interface import register_all as _register_all
 from .patches.state_cache import StateCache
 from .adapt.calibrate import calibrate
+from .adapt.finetune import finetune
 from .adapt.saving import load_swap, save_swap
 from .adapt.transfer import transfer
 
@@ -38,6 +39,7 @@ __all__ = [
     "attention",
     "available_kinds",
     "calibrate",
+    "finetune",
     "load_swap",
     "register_kind",
     "restore_attention",

@@ -7,7 +7,9 @@ import json
 import os
 import sys
 
+from .adapt.finetune import DEFAULT_LR as FINETUNE_LR, DEFAULT_RANK as LORA_RANK
 from .adapt.transfer import DEFAULT_LR, DEFAULT_STEPS
+from .evals.corpus import FINETUNE_CHARS
 
 DEFAULT_ATTN = "softmax,topk:k=64,entmax:alpha=1.5,sparsemax,linear,taylor"
 # the demo also shows what training-free calibration and attention transfer recover (raw and fitted rows side by side)
@@ -165,11 +167,20 @@ def cmd_adapt(args) -> int:
     rows = [{"layer": i, **r, "scales": " ".join(f"{x:.2f}" for x in r.get("score_scale", ()))}
             for i, r in report["layers"].items()]
     print(format_table(rows, ADAPT_COLUMNS[what]))
-    path = save_swap(model, args.out)
     steps = f", {report['steps']} steps per layer" if what == "transfer" else ""
     print(f"{what}: {spec.kind} on {report['tokens']} tokens ({report['window']}-token windows){steps} in "
-          f"{seconds:.1f} s: mean output error {report['mean_error_before']:.4f} -> {report['mean_error_after']:.4f}; "
-          f"wrote {path}")
+          f"{seconds:.1f} s: mean output error {report['mean_error_before']:.4f} -> {report['mean_error_after']:.4f}")
+    if args.finetune_steps:
+        from .adapt.finetune import finetune
+        from .evals.corpus import finetune_text
+
+        own = args.text_file or args.dataset
+        tuned = finetune(model, runner.tokenize(tokenizer, text if own else finetune_text()), window=args.window,
+                         steps=args.finetune_steps, lr=args.finetune_lr, rank=args.lora_rank, progress=True).finetune
+        print(f"LoRA fine-tuning: {tuned['steps']} steps of {tuned['window']} tokens ({tuned['tokens']} tokens, "
+              f"{tuned['windows']} windows, {tuned['trainable_parameters']} parameters) in {tuned['seconds']:.1f} s: "
+              f"loss {tuned['loss_first']:.3f} -> {tuned['loss_last']:.3f}")
+    print(f"wrote {save_swap(model, args.out)}")
     print(f"evaluate it with: attnswap eval ppl --attn {args.attn},saved:{args.out}")
     return 0
 
@@ -185,6 +196,11 @@ def _add_adapt_args(p, *, example: str, windows: int) -> None:
     p.add_argument("--windows", type=int, default=windows, help="sequences (token budget = window x windows)")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    p.add_argument("--finetune-steps", type=int, default=0,
+                   help="then train LoRA adapters on next-token loss for this many steps of one window (default 0: "
+                        f"none; text: yours, else the corpus's last {FINETUNE_CHARS} characters)")
+    p.add_argument("--finetune-lr", type=float, default=FINETUNE_LR)
+    p.add_argument("--lora-rank", type=int, default=LORA_RANK)
     p.set_defaults(fn=cmd_adapt, example=example)
 
 

@@ -1,7 +1,8 @@
 """A swap saved beside the model: ``save_swap(model, dir)`` writes ``attnswap_swap.json`` (kind, options, layers,
 per-layer options such as calibrated score scales, the calibration/transfer report and a fingerprint of the model)
-and, after attention transfer, ``attnswap_swap.safetensors`` (the learned query/key maps); ``load_swap(model,
-dir)`` checks the fingerprint and swaps the model the same way."""
+and, after attention transfer, ``attnswap_swap.safetensors`` (the learned query/key maps), after LoRA
+fine-tuning ``attnswap_lora.safetensors`` (the adapters); ``load_swap(model, dir)`` checks the fingerprint and
+swaps the model the same way."""
 
 from __future__ import annotations
 
@@ -13,9 +14,11 @@ import torch
 
 from ..errors import AttnSwapError
 from ..registry import FEATURE_PROJ, FeatureProjection
+from .finetune import Adapters
 
 FILENAME = "attnswap_swap.json"
 TENSORS = "attnswap_swap.safetensors"  # learned feature maps (attention transfer)
+LORA = "attnswap_lora.safetensors"  # LoRA adapters (attnswap.finetune)
 FORMAT = 1
 _CONFIG_KEYS = ("model_type", "num_hidden_layers", "hidden_size", "num_attention_heads", "num_key_value_heads",
                 "head_dim", "vocab_size")
@@ -25,7 +28,7 @@ def fingerprint(model) -> dict:
     """What identifies the model a swap was fitted on: its config's shape and a checksum of a few weights."""
     config = getattr(model, "config", None)
     shape = {k: getattr(config, k, None) for k in _CONFIG_KEYS}
-    params = [p for _, p in sorted(model.named_parameters())][:8]
+    params = [p for n, p in sorted(model.named_parameters()) if not Adapters.owns(n)][:8]
     checksum = [float(p.detach().double().abs().sum()) for p in params]
     return {"config": shape, "weights": checksum}
 
@@ -60,12 +63,16 @@ def save_swap(model, directory) -> Path:
             tensors[f"{name}.bias"] = projection.bias.detach().float().cpu().contiguous()
             record["layer_options"][str(i)][FEATURE_PROJ] = {"tensors": name}
     record["transfer"] = getattr(handle, "transfer", None)
-    if tensors:
-        from safetensors.torch import save_file
+    from safetensors.torch import save_file
 
-        save_file(tensors, str(path / TENSORS))
-    elif (path / TENSORS).exists():
-        (path / TENSORS).unlink()
+    for name, content in ((TENSORS, tensors), (LORA, handle.adapters.state_dict() if handle.adapters else None)):
+        if content:
+            save_file(content, str(path / name))
+        elif (path / name).exists():
+            (path / name).unlink()
+    if handle.adapters is not None:
+        record["lora"] = handle.adapters.settings
+        record["finetune"] = getattr(handle, "finetune", None)
     target = path / FILENAME
     target.write_text(json.dumps(record, indent=1))
     return target
@@ -111,6 +118,14 @@ def load_swap(model, directory, *, impl: str | None = None):
         handle.calibration = record["calibration"]
     if record.get("transfer") is not None:
         handle.transfer = record["transfer"]
+    if record.get("lora") is not None:
+        if not (Path(directory) / LORA).is_file():
+            raise AttnSwapError(f"load_swap: {target} names LoRA adapters but {LORA} is missing beside it")
+        from safetensors.torch import load_file
+
+        handle.adapters = Adapters(model, record["lora"]).attach()
+        handle.adapters.load_state_dict(load_file(str(Path(directory) / LORA)))
+        handle.finetune = record.get("finetune")
     return handle
 
 

@@ -45,6 +45,15 @@ def calibration_text(max_chars: int = CALIBRATION_CHARS) -> str:
     return text[-max_chars:]
 
 
+FINETUNE_CHARS = 120_000
+
+
+def finetune_text(max_chars: int = FINETUNE_CHARS) -> str:
+    """The last ``max_chars`` characters of the default corpus, for LoRA fine-tuning: more text than calibration
+    needs, still disjoint from the first 8192 tokens that ``attnswap eval`` scores by default."""
+    return calibration_text(max_chars)
+
+
 def load_text(text_file: str | None = None, dataset: str | None = None) -> tuple[str, str]:
     """(text, description) from a file, a ``datasets`` name ``name[:config[:split]]`` (e.g.
     ``wikitext:wikitext-2-raw-v1:test``, used when reachable or cached), or the offline default corpus."""

@@ -101,6 +101,7 @@ class SwapHandle:
         self._targets = [targets[i] for i in layers]
         self._entries = []  # (module, route, saved) while active
         self._generation_cache = None  # what install_generation_cache saved
+        self.adapters = None  # LoRA adapters trained for this swap (attnswap.finetune); restore() removes them
         self.active = False
 
     @property
@@ -137,6 +138,9 @@ class SwapHandle:
                 legacy.remove(module, saved)
             module.__dict__.pop("_attnswap_spec", None)
         self._entries = []
+        if self.adapters is not None:
+            self.adapters.remove()
+            self.adapters = None
         state_cache.remove_generation_cache(self.model, self._generation_cache)
         self._generation_cache = None
         self.active = False

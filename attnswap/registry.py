@@ -69,6 +69,14 @@ class Kind:
     # the kind takes a learned ``feature_proj`` as an option and applies it itself, to its feature-map part only
     # (window_linear); otherwise dispatch applies it to every query and key before the kind
     applies_feature_proj: bool = False
+    # hybrids that decode with a bounded set of exact keys plus a running state (window_linear): options ->
+    # (local_window, sink_tokens, phi, eps)
+    bounded_state: Callable | None = None
+
+    @property
+    def decodes_with_state(self) -> bool:
+        """``attnswap.StateCache`` can decode it without keeping every key (a running state, maybe a bounded window)."""
+        return self.state_features is not None or self.bounded_state is not None
 
     @property
     def transferable(self) -> bool:

@@ -11,7 +11,7 @@ the PyTorch paths (``--impl torch``), against the ``softmax`` reference and SDPA
 
 decode: a model (``--model tiny``: a random Llama with SmolLM2's head layout; ``--model default``: SmolLM2-135M)
 swapped to each kind generates ``--new-tokens`` tokens after a context of L tokens with ``attnswap.StateCache``
-(its recurrent state; ``window_linear`` has none yet and decodes with a ``DynamicCache``); the baseline is the
+(its recurrent state; for ``window_linear`` also its sink and window K/V); the baseline is the
 same model on its own attention with a ``DynamicCache``. Recorded: ms per decoded token (the steps after the
 first, clocked at each step), tokens/s, prefill ms, cache bytes and their ratio to the KV cache. Skipped with a note while ``attnswap.StateCache`` does not exist.
 """
@@ -226,9 +226,9 @@ def decode(args, device: str, emit) -> None:
         for kind in args.kinds:
             try:
                 with attnswap.swapped(model, kind) as handle:
-                    if handle.kind.state_features is not None:
+                    if handle.kind.decodes_with_state:
                         got = decode_one(model, ids, lambda: state_cache(model), lambda c: c.nbytes(), args, device)
-                    else:  # no recurrent state (window_linear): it decodes with K/V
+                    else:  # a kind without a state decodes with K/V
                         got = decode_one(model, ids, DynamicCache, kv_cache_bytes, args, device)
             except Exception as err:  # noqa: BLE001
                 got = {"ms": None, "error": error_text(err)}

@@ -6,10 +6,13 @@ import torch
 from transformers import DynamicCache
 
 import attnswap
-from attnswap.patches.state_cache import StateLayer, cache_argument, new_cache
+from attnswap.patches.state_cache import StateLayer, WindowStateLayer, cache_argument, new_cache
 from tiny_models import left_padded_batch, num_attention_layers, tiny_model
 
 FEATURE_KINDS = ["linear", "taylor"]
+# window_linear: a bounded cache (sink and window K/V per row, a running state of the keys in between); a window of
+# 3 and 2 sink tokens make the prompts (up to 20 tokens) and the decoded ones leave the window on the way
+WINDOWED = {"local_window": 3, "sink_tokens": 2}
 
 
 @pytest.fixture(autouse=True)
@@ -26,6 +29,17 @@ def generate(model, ids, mask, cache=None, **kw):
 
 def dynamic(model):
     return DynamicCache(config=model.config)
+
+
+def cache_sizes(model, lengths=(16, 64)) -> list:
+    """Bytes a fresh StateCache holds after a prefill of each length."""
+    sizes = []
+    for length in lengths:
+        cache = attnswap.StateCache(model)
+        with torch.no_grad():
+            model(torch.randint(1, 50, (1, length)), **{cache_argument(model): cache})
+        sizes.append(cache.nbytes())
+    return sizes
 
 
 @pytest.mark.parametrize("kind", FEATURE_KINDS)
@@ -55,11 +69,12 @@ def test_softmax_layers_keep_kv_beside_the_state(kind):
     assert cache.layers[1].keys.shape[-2] == ids.shape[1] + 5  # the softmax layer kept its K/V
 
 
-@pytest.mark.parametrize("kind", FEATURE_KINDS)
-def test_prefill_in_chunks_equals_one_forward(kind):
+@pytest.mark.parametrize("kind,options", [(k, {}) for k in FEATURE_KINDS] + [("window_linear", WINDOWED)],
+                         ids=FEATURE_KINDS + ["window_linear"])
+def test_prefill_in_chunks_equals_one_forward(kind, options):
     model = tiny_model("llama")
     ids, mask = left_padded_batch(model.config.vocab_size, seq=20)
-    attnswap.swap_attention(model, kind)
+    attnswap.swap_attention(model, kind, **options)
     with torch.no_grad():
         full = model(ids, attention_mask=mask).logits
         cache = attnswap.StateCache(model)
@@ -70,11 +85,12 @@ def test_prefill_in_chunks_equals_one_forward(kind):
     torch.testing.assert_close(torch.cat(parts, 1)[real], full[real], atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("kind", FEATURE_KINDS)
-def test_beam_search_reorders_the_state(kind):
+@pytest.mark.parametrize("kind,options", [(k, {}) for k in FEATURE_KINDS] + [("window_linear", WINDOWED)],
+                         ids=FEATURE_KINDS + ["window_linear"])
+def test_beam_search_reorders_the_state(kind, options):
     model = tiny_model("llama")
     ids, mask = left_padded_batch(model.config.vocab_size)
-    attnswap.swap_attention(model, kind)
+    attnswap.swap_attention(model, kind, **options)
     ref = generate(model, ids, mask, cache=dynamic(model), num_beams=3)
     out = generate(model, ids, mask, num_beams=3)
     assert torch.equal(out.sequences, ref.sequences)
@@ -86,12 +102,7 @@ def test_state_size_is_constant_and_a_tenth_of_kv_at_32k(kind):
     1/10 of the bf16 K/V cache a 32k context needs."""
     model = tiny_model("llama")
     attnswap.swap_attention(model, kind)
-    sizes = []
-    for length in (16, 64):
-        cache = attnswap.StateCache(model)
-        with torch.no_grad():
-            model(torch.randint(1, 50, (1, length)), **{cache_argument(model): cache})
-        sizes.append(cache.nbytes())
+    sizes = cache_sizes(model)
     assert sizes[0] == sizes[1]
     # the same state on SmolLM2's layout, per layer: features x (head dim + 1) fp32 per KV head
     d, hkv, context = 64, 3, 32768
@@ -170,3 +181,39 @@ def test_softcapped_family_keeps_kv_where_scores_are_capped(kind):
     cache = out.past_key_values if hasattr(out, "past_key_values") else out.cache
     assert isinstance(cache, attnswap.StateCache) == (kind == "linear")
     assert torch.equal(out.sequences, ref.sequences)
+
+
+
+def learned_projection(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    hkv, d = model.config.num_key_value_heads, model.config.hidden_size // model.config.num_attention_heads
+    d = getattr(model.config, "head_dim", None) or d
+    weight = torch.eye(d).repeat(hkv, 1, 1) + 0.3 * torch.randn(hkv, d, d, generator=g)
+    return attnswap.registry.FeatureProjection(weight, 0.1 * torch.randn(hkv, d, generator=g))
+
+
+@pytest.mark.parametrize("family,options", [("llama", {}), ("qwen2", {"feature_map": "elu"}), ("gpt_oss", {}),
+                                            ("gemma2", {}), ("llama", {"projection": True, "score_scale": 1.3})],
+                         ids=["llama", "qwen2-elu", "gpt_oss-sinks", "gemma2-softcap", "llama-learned"])
+def test_window_linear_decodes_with_a_bounded_cache_like_full_recomputation(family, options):
+    model = tiny_model(family)
+    ids, mask = left_padded_batch(model.config.vocab_size)
+    options = dict(options)
+    if options.pop("projection", False):
+        options["feature_proj"] = learned_projection(model)
+    attnswap.swap_attention(model, "window_linear", **WINDOWED, **options)
+    ref = generate(model, ids, mask, cache=dynamic(model), output_scores=True)
+    cache = attnswap.StateCache(model)
+    out = generate(model, ids, mask, cache=cache, output_scores=True)
+    assert torch.equal(out.sequences, ref.sequences)
+    torch.testing.assert_close(torch.stack(out.scores), torch.stack(ref.scores), atol=1e-4, rtol=1e-4)
+    windowed = [layer for layer in cache.layers if isinstance(layer, WindowStateLayer)]
+    assert windowed and all(layer.keys.shape[2] == 2 + 3 and layer.state is not None for layer in windowed)
+    assert isinstance(generate(model, ids, mask).past_key_values, attnswap.StateCache)  # generate's own choice
+
+
+def test_window_linear_cache_is_bounded():
+    model = tiny_model("llama")
+    attnswap.swap_attention(model, "window_linear", **WINDOWED)
+    sizes = cache_sizes(model, (16, 64, 200))
+    assert sizes[0] == sizes[1] == sizes[2]

@@ -15,7 +15,8 @@ part only: ``attnswap.transfer`` trains it. "Last" and "first" count visible key
 Two exact forms: quadratic (chunked over queries, any mask) and, for causal attention whose key padding is one run
 of real tokens per row (left or right padding), a linear-time form: per query chunk, the sink keys and the band
 of window keys exactly, and the older keys from a running feature-map state (``feature_map.linear_time_attention``).
-Decoding keeps K/V.
+Decoding with ``attnswap.StateCache`` keeps, per row, the sink and window keys' K/V and a running state of the rest
+(``cached_step``): memory bounded by ``sink_tokens + local_window`` keys, whatever the context.
 """
 
 from __future__ import annotations
@@ -117,6 +118,63 @@ def _exact_part(qg, kg, vg, counts, *, window, sink_tokens, scaling, softcap, si
     return torch.cat(nums, dim=3), torch.cat(dens, dim=3)
 
 
+def cached_step(query, kept_k, kept_v, kept_n, new_k, new_v, real, state, norm, *, causal, window, sink_tokens, phi,
+                eps, scaling, softcap, sinks, projection):
+    """Output (b,Hq,q,dv) fp32 of new queries against a bounded cache (``attnswap.StateCache``).
+
+    Per row r the cache keeps ``kept_n[r]`` keys in order (``kept_k``/``kept_v`` (b,Hkv,C,d), left-aligned): its
+    first ``sink_tokens`` real keys and its most recent ones; every key folded out (``state`` (b,Hkv,F,dv),
+    ``norm`` (b,Hkv,F) of the projected features, or None) is older than any new query's window and is not a
+    sink, so it is linear for all of them. The new keys (``real`` (b,q) bool or None: which are not padding)
+    follow the kept ones; query p sees the kept keys and the real new keys up to itself (all when not causal)."""
+    b, hq, q, _ = query.shape
+    hkv = new_k.shape[1]
+    sink_logit = None if sinks is None else sinks.float().reshape(1, hkv, hq // hkv, 1, 1)
+    outs = []
+    for r in range(b):
+        n_kept = int(kept_n[r]) if kept_n is not None else 0
+        mine = torch.ones(q, dtype=torch.bool, device=new_k.device) if real is None else real[r]
+        k = torch.cat([kept_k[r:r + 1, :, :n_kept], new_k[r:r + 1][:, :, mine]], dim=2) if n_kept else \
+            new_k[r:r + 1][:, :, mine]
+        v = torch.cat([kept_v[r:r + 1, :, :n_kept], new_v[r:r + 1][:, :, mine]], dim=2) if n_kept else \
+            new_v[r:r + 1][:, :, mine]
+        seen_new = torch.cumsum(mine.to(torch.int64), 0) if causal else mine.sum().expand(q)
+        counts = (n_kept + seen_new).cpu()
+        qg, kg, vg = group_heads(query[r:r + 1], k, v)
+        num, den = _exact_part(qg, kg, vg, counts, window=window, sink_tokens=sink_tokens, scaling=scaling,
+                               softcap=softcap, sink_logit=sink_logit, chunk=CHUNK)
+        fq = phi(qg.float() if projection is None else projection.apply(qg))  # (1,Hkv,G,q,F)
+        fk = phi(kg.float() if projection is None else projection.apply(kg))  # (1,Hkv,1,L,F)
+        j = torch.arange(k.shape[2], device=k.device)
+        older = (j[None, :] >= sink_tokens) & (j[None, :] < counts.to(k.device)[:, None] - window)  # (q, L)
+        a = torch.matmul(fq, fk.transpose(-1, -2)) * older
+        num = num + torch.matmul(a, vg.float())
+        den = den + a.sum(-1)
+        if state is not None:
+            num = num + torch.matmul(fq, state[r:r + 1, :, None])
+            den = den + (fq * norm[r:r + 1, :, None, None, :]).sum(-1)
+        den = den + eps
+        outs.append(ungroup_heads(num / torch.where(den == 0, torch.ones_like(den), den).unsqueeze(-1)))
+    return torch.cat(outs, dim=0)
+
+
+def folded(keys, values, *, phi, projection, chunk: int = 2048):
+    """What keys leaving the exact window add to the running state: (sum phi(P k) v^T (1,Hkv,F,dv), sum phi(P k)
+    (1,Hkv,F)) for keys/values (1,Hkv,m,d) of one row."""
+    state = norm = 0.0
+    for k0 in range(0, keys.shape[2], chunk):
+        k = keys[:, :, k0:k0 + chunk]
+        fk = phi((k.float() if projection is None else projection.apply(k[:, :, None])[:, :, 0]))
+        state = state + torch.matmul(fk.transpose(-1, -2), values[:, :, k0:k0 + chunk].float())
+        norm = norm + fk.sum(-2)
+    return state, norm
+
+
+def bounded_state(options: dict):
+    """For the StateCache: (local_window, sink_tokens, feature map, eps)."""
+    return options["local_window"], options["sink_tokens"], FEATURE_MAPS[options["feature_map"]], options["eps"]
+
+
 def linear_time_forward(query, key, value, vis, runs, *, window, sink_tokens, phi, eps, scaling, softcap, sinks,
                         projection, chunk=None):
     """The linear-time form (causal, one run of real keys per row): out (b,Hq,n,dv) fp32."""
@@ -207,5 +265,6 @@ KIND = registry.add(
              "on the others",
         builtin=True,
         applies_feature_proj=True,
+        bounded_state=bounded_state,
     )
 )

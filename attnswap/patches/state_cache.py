@@ -1,6 +1,7 @@
 """Constant-memory decoding for the feature-map kinds (``linear``, ``taylor``): a transformers ``Cache`` whose
 swapped layers keep the running state ``S = sum_j phi(k_j) v_j^T`` and ``z = sum_j phi(k_j)`` (fp32, per KV head)
-instead of K/V.
+instead of K/V; for ``window_linear`` (``WindowStateLayer``) also the K/V of each row's sink and window keys, so
+its memory is bounded too.
 
 How it fits transformers: the model calls ``cache.update(k, v, layer_idx)`` and then its attention function with
 what ``update`` returned. A ``StateLayer`` returns the new keys/values unchanged and marks itself pending; the
@@ -108,6 +109,74 @@ class StateLayer(CacheLayerMixin):
         return sum(t.numel() * t.element_size() for t in (self.state, self.norm, self.valid) if t is not None)
 
 
+class WindowStateLayer(StateLayer):
+    """``window_linear``'s bounded state: per row the K/V of its first ``sink_tokens`` and last ``local_window``
+    real keys (``keys``/``values`` (b, Hkv, C, d), left-aligned, ``kept`` (b,) of them, in order) and the running
+    state of the keys in between (``state``/``norm``, their projected features)."""
+
+    def __init__(self, layer_idx: int, owner: "StateCache"):
+        super().__init__(layer_idx, owner)
+        self.keys = self.values = self.kept = None
+
+    def reset(self) -> None:
+        super().reset()
+        self.keys = self.values = self.kept = None
+
+    def _batch_map(self, fn) -> None:
+        super()._batch_map(fn)
+        if self.keys is not None:
+            self.keys, self.values, self.kept = fn(self.keys), fn(self.values), fn(self.kept)
+
+    def nbytes(self) -> int:
+        return super().nbytes() + sum(t.numel() * t.element_size() for t in (self.keys, self.values, self.kept)
+                                      if t is not None)
+
+    @torch.no_grad()
+    def absorb(self, key, value, real, *, window: int, sink_tokens: int, phi, projection) -> None:
+        """Append each row's real new keys, fold the ones leaving the window (not sinks) into the state."""
+        from ..kinds.window_linear import folded
+
+        b, hkv, q, d = key.shape
+        rows_k, rows_v, kept, states, norms = [], [], [], [], []
+        for r in range(b):
+            mine = slice(None) if real is None else real[r]
+            n_kept = int(self.kept[r]) if self.kept is not None else 0
+            k = torch.cat([self.keys[r:r + 1, :, :n_kept], key[r:r + 1][:, :, mine]], dim=2) if n_kept else \
+                key[r:r + 1][:, :, mine]
+            v = torch.cat([self.values[r:r + 1, :, :n_kept], value[r:r + 1][:, :, mine]], dim=2) if n_kept else \
+                value[r:r + 1][:, :, mine]
+            total = k.shape[2]
+            if total > sink_tokens + window:
+                out = slice(sink_tokens, total - window)
+                ds, dz = folded(k[:, :, out], v[:, :, out], phi=phi, projection=projection)
+                states.append(ds)
+                norms.append(dz)
+                keep = torch.cat([torch.arange(sink_tokens), torch.arange(total - window, total)]).to(k.device)
+                k, v = k[:, :, keep], v[:, :, keep]
+            else:
+                states.append(None)
+                norms.append(None)
+            rows_k.append(k)
+            rows_v.append(v)
+            kept.append(k.shape[2])
+        size = max(kept)
+        pad = lambda t: torch.nn.functional.pad(t, (0, 0, 0, size - t.shape[2]))  # noqa: E731
+        self.keys, self.values = torch.cat([pad(t) for t in rows_k]), torch.cat([pad(t) for t in rows_v])
+        self.kept = torch.tensor(kept, dtype=torch.int64, device=key.device)
+        if any(s is not None for s in states):
+            if self.state is None:
+                f, dv = next(s for s in states if s is not None).shape[-2:]
+                self.state = key.new_zeros((b, hkv, f, dv), dtype=torch.float32)
+                self.norm = key.new_zeros((b, hkv, f), dtype=torch.float32)
+            for r, (ds, dz) in enumerate(zip(states, norms)):
+                if ds is not None:
+                    self.state[r:r + 1] += ds
+                    self.norm[r:r + 1] += dz
+        count = real.sum(-1) if real is not None else torch.full((b,), q, dtype=torch.int64, device=key.device)
+        self.valid = count if self.valid is None else self.valid + count
+        self.seen += q
+
+
 class StateCache(Cache):
     """A transformers ``Cache`` for a model swapped to a feature-map kind: constant-size state on those layers.
 
@@ -121,8 +190,8 @@ class StateCache(Cache):
 
         handle = current_swap(model)
         if handle is None:
-            raise AttnSwapError("StateCache needs a model swapped to a feature-map kind (linear, taylor); this model "
-                                "is not swapped")
+            raise AttnSwapError("StateCache needs a model swapped to a feature-map kind (linear, taylor, "
+                                "window_linear); this model is not swapped")
         config = model.config.get_text_config(decoder=True) if hasattr(model, "config") else None
         base = DynamicCache(config=config) if config is not None else None
         layers = list(base.layers) if base is not None and base.layers else []
@@ -130,18 +199,20 @@ class StateCache(Cache):
         state_layers = []
         for _, module, route in handle._targets:
             idx = getattr(module, "layer_idx", None)
-            if handle.kind.state_features is None or route != "interface" or idx is None:
+            if not handle.kind.decodes_with_state or route != "interface" or idx is None:
                 continue
             if idx >= len(layers) or type(layers[idx]) is not DynamicLayer:
                 continue  # sliding windows, shared or special layers keep what transformers gives them
-            if handle.kind.uses_scores and _softcapped(module):
+            windowed = handle.kind.bounded_state is not None
+            if handle.kind.uses_scores and not windowed and _softcapped(module):
                 continue  # softcapped scores have no feature map: this layer keeps K/V
-            layers[idx] = StateLayer(idx, self)
+            layers[idx] = (WindowStateLayer if windowed else StateLayer)(idx, self)
             state_layers.append(idx)
         if not state_layers:
             raise AttnSwapError(
                 f"StateCache: no layer of this model keeps a recurrent state under kind {handle.kind.name!r} "
-                "(only linear and taylor have one, on full-attention layers that route through AttentionInterface)"
+                "(linear, taylor and window_linear have one, on full-attention layers that route through "
+                "AttentionInterface)"
             )
         self.state_layers = state_layers
         super().__init__(layers=layers)
@@ -222,6 +293,10 @@ def state_attention(layer: StateLayer, spec, query, key, value, attention_mask, 
                     sinks=None, need_weights=False, run_attention=None):
     """Output (b, Hq, q, dv) of the new queries against the state plus the new keys; then fold the new keys in."""
     kind = spec.kind
+    if isinstance(layer, WindowStateLayer):
+        return _window_attention(layer, spec, query, key, value, attention_mask, scaling=scaling,
+                                 is_causal=is_causal, softcap=softcap, sinks=sinks, need_weights=need_weights,
+                                 run_attention=run_attention)
     if kind.state_features is None:
         raise AttnSwapError(f"StateCache layer {layer.layer_idx} runs kind {kind.name!r}, which has no recurrent "
                             "state; use a DynamicCache")
@@ -245,6 +320,48 @@ def state_attention(layer: StateLayer, spec, query, key, value, attention_mask, 
         out = _with_state(layer, phi, eps, sink_weight, sinks, query, key, value, new_mask, is_causal, groups)
     _fold(layer, phi, key, value, real)
     return out
+
+
+def _window_attention(layer: WindowStateLayer, spec, query, key, value, attention_mask, *, scaling, is_causal,
+                      softcap, sinks, need_weights, run_attention):
+    from ..kinds.window_linear import cached_step
+
+    if spec.kind.bounded_state is None:
+        raise AttnSwapError(f"StateCache layer {layer.layer_idx} keeps a window for window_linear but runs kind "
+                            f"{spec.kind.name!r}; build a new cache for the current swap")
+    if need_weights:
+        raise AttnSwapError("a StateCache returns no attention weights; use a DynamicCache with output_attentions")
+    b, _, q, _ = query.shape
+    window, sink_tokens, phi, eps = spec.kind.bounded_state(spec.options)
+    projection = spec.options.get(FEATURE_PROJ)
+    new_mask, real = _split_mask(attention_mask, layer, b, q)
+    if layer.seen == 0:  # prefill: the kind's own forward (linear-time form for long inputs), then the cache
+        vis_mask = attention_mask if attention_mask is None or attention_mask.shape[-1] == q else new_mask
+        out = run_attention(model_visibility(vis_mask, query, key, is_causal=is_causal, native=spec.native))
+    else:
+        _check_new_keys(layer, new_mask, real, is_causal, q)
+        query, key, _ = prepare_qk(spec.options, query, key, keep_projection=True)  # score_scale, as dispatch does
+        out = cached_step(query, layer.keys, layer.values, layer.kept, key, value, real, layer.state, layer.norm,
+                          causal=is_causal, window=window, sink_tokens=sink_tokens, phi=phi, eps=eps, scaling=scaling,
+                          softcap=softcap, sinks=sinks, projection=projection)
+    layer.absorb(key, value, real, window=window, sink_tokens=sink_tokens, phi=phi, projection=projection)
+    return out
+
+
+def _check_new_keys(layer, new_mask, real, is_causal: bool, q: int) -> None:
+    """The mask over the new keys must be what the window ranks assume: each real new key visible to the queries
+    at or after it (all of them when not causal)."""
+    if new_mask is None:
+        return
+    b = new_mask.shape[0]
+    seen = real if real is not None else torch.ones(b, q, dtype=torch.bool, device=new_mask.device)
+    expected = seen[:, None, None, :].expand(-1, 1, q, -1)
+    if is_causal:
+        expected = expected & torch.ones(q, q, dtype=torch.bool, device=new_mask.device).tril()
+    rows = new_mask.any(-1, keepdim=True)  # padded queries see nothing: their rows do not matter
+    if bool(((new_mask != expected) & rows).any()):
+        raise AttnSwapError(f"StateCache layer {layer.layer_idx}: the mask over the new keys is not causal key "
+                            "padding, which window_linear's bounded cache cannot honor; use a DynamicCache")
 
 
 def _with_state(layer, phi, eps, sink_weight, sinks, query, key, value, new_mask, is_causal, groups):
@@ -354,7 +471,7 @@ def new_cache(model) -> Cache:
     from .swap import current_swap
 
     handle = current_swap(model)
-    if handle is not None and handle.active and handle.kind.state_features is not None:
+    if handle is not None and handle.active and handle.kind.decodes_with_state:
         try:
             return StateCache(model)
         except AttnSwapError:

@@ -123,7 +123,7 @@ class SwapHandle:
             options = self.layer_options.get(index, self.options)
             module._attnswap_spec = Spec(kind=self.kind, options=options, native=native, impl=self.impl)
             self._entries.append((module, route, saved))
-        if self.kind.state_features is not None:  # generate() keeps a running state instead of K/V
+        if self.kind.decodes_with_state:  # generate() keeps a running state instead of K/V
             self._generation_cache = state_cache.install_generation_cache(self.model)
         self.active = True
         self.model._attnswap_handle = self

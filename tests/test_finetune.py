@@ -66,11 +66,15 @@ def test_finetune_trains_adapters_and_restore_is_exact(family, kind, options):
     assert torch.equal(logits(model, ids, mask), own)
 
 
-def test_a_new_swap_drops_the_adapters_of_the_old():
+def test_adapters_leave_and_come_back_with_their_swap():
     model, handle, (ids, mask), own, swapped, _ = finetuned()
+    tuned = logits(model, ids, mask)
+    with attnswap.swapped(model, "linear"):  # another swap for a block: the adapters are out
+        assert lora_names(model) == []
+        assert torch.equal(logits(model, ids, mask), swapped)
+    assert lora_names(model) and torch.equal(logits(model, ids, mask), tuned)  # the same handle, back
     attnswap.swap_attention(model, "linear")
-    assert lora_names(model) == [] and handle.adapters is None
-    assert torch.equal(logits(model, ids, mask), swapped)
+    assert lora_names(model) == [] and torch.equal(logits(model, ids, mask), swapped)
 
 
 def test_finetuned_swap_saves_and_reloads_identically(tmp_path):

@@ -32,11 +32,13 @@ def _peft():
 
 
 class Adapters:
-    """The LoRA layers put into a model: their settings, and how to take them out exactly."""
+    """The LoRA layers put into a model: their settings, and how to take them out exactly (keeping their weights, so
+    that the swap can put them back when it is activated again, e.g. after a ``with attnswap.swapped(...)`` block)."""
 
     def __init__(self, model, settings: dict):
         self.model, self.settings = model, dict(settings)
         self._frozen = {}  # parameter -> requires_grad before
+        self._weights = None  # the adapters' weights while they are out of the model
 
     def attach(self) -> "Adapters":
         peft = _peft()
@@ -52,6 +54,9 @@ class Adapters:
             raise AttnSwapError(f"LoRA targets {s['targets']!r} do not fit this model: {e}") from e
         for name, p in self.model.named_parameters():
             p.requires_grad_(self.owns(name))
+        if self._weights is not None:
+            self.load_state_dict(self._weights)
+            self._weights = None
         return self
 
     @staticmethod
@@ -75,9 +80,11 @@ class Adapters:
         return [p for n, p in self.model.named_parameters() if self.owns(n)]
 
     def remove(self) -> None:
-        """Put every wrapped layer's original module back and the original requires_grad flags."""
+        """Put every wrapped layer's original module back and the original requires_grad flags (the adapters'
+        weights are kept for ``attach``)."""
         from peft.tuners.lora import LoraLayer
 
+        self._weights = self.state_dict()
         for name, module in list(self.model.named_modules()):
             if isinstance(module, LoraLayer):
                 parent_name, _, child = name.rpartition(".")

@@ -101,7 +101,7 @@ class SwapHandle:
         self._targets = [targets[i] for i in layers]
         self._entries = []  # (module, route, saved) while active
         self._generation_cache = None  # what install_generation_cache saved
-        self.adapters = None  # LoRA adapters trained for this swap (attnswap.finetune); restore() removes them
+        self.adapters = None  # LoRA adapters trained for this swap (attnswap.finetune): in the model while active
         self.active = False
 
     @property
@@ -125,6 +125,8 @@ class SwapHandle:
             self._entries.append((module, route, saved))
         if self.kind.decodes_with_state:  # generate() keeps a running state instead of K/V
             self._generation_cache = state_cache.install_generation_cache(self.model)
+        if self.adapters is not None:
+            self.adapters.attach()
         self.active = True
         self.model._attnswap_handle = self
 
@@ -138,9 +140,8 @@ class SwapHandle:
                 legacy.remove(module, saved)
             module.__dict__.pop("_attnswap_spec", None)
         self._entries = []
-        if self.adapters is not None:
+        if self.adapters is not None:  # kept on the handle: activating it again puts them back
             self.adapters.remove()
-            self.adapters = None
         state_cache.remove_generation_cache(self.model, self._generation_cache)
         self._generation_cache = None
         self.active = False

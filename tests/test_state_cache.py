@@ -144,7 +144,7 @@ def test_bad_uses_are_clear_errors():
     with pytest.raises(attnswap.AttnSwapError, match="not swapped"):
         attnswap.StateCache(model)
     attnswap.swap_attention(model, "topk", k=4)
-    with pytest.raises(attnswap.AttnSwapError, match="only linear and taylor"):
+    with pytest.raises(attnswap.AttnSwapError, match="linear, taylor and window_linear have one"):
         attnswap.StateCache(model)
     attnswap.swap_attention(model, "linear")
     cache = attnswap.StateCache(model)

@@ -56,6 +56,7 @@ def test_finetune_trains_adapters_and_restore_is_exact(family, kind, options):
     report = handle.finetune
     assert report["steps"] == 25 and report["tokens"] == 25 * 32 and report["rank"] == 4
     assert report["loss_last"] < report["loss_first"] - 0.5  # the repeated phrase is learnt
+    assert len(report["loss_curve"]) == 25
     assert report["trainable_parameters"] == sum(p.numel() for n, p in model.named_parameters() if Adapters.owns(n))
     assert lora_names(model) and all(p.requires_grad == Adapters.owns(n) for n, p in model.named_parameters())
     tuned = logits(model, ids, mask)

@@ -168,7 +168,8 @@ def finetune(model, data, *, tokenizer=None, window: int = 512, max_windows: int
                   "warm-up then decay, gradient norm clipped at 1", **settings, "steps": steps, "lr": lr,
         "window": window, "windows": int(windows.shape[0]), "tokens": steps * window,
         "trainable_parameters": sum(p.numel() for p in params), "loss_first": _mean_of(losses[:tail]),
-        "loss_last": _mean_of(losses[-tail:]), "seconds": time.perf_counter() - start,
+        "loss_last": _mean_of(losses[-tail:]), "loss_curve": [round(x, 4) for x in losses],
+        "seconds": time.perf_counter() - start,
     }
     return handle
 

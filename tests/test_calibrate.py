@@ -8,7 +8,7 @@ import torch
 
 import attnswap
 from attnswap.evals.specs import parse_attn
-from tiny_models import left_padded_batch, tiny_model
+from tiny_models import left_padded_batch, logits, tiny_model
 
 SCORED = [("entmax", {"alpha": 1.5}), ("sparsemax", {}), ("topk", {"k": 4}), ("taylor", {})]
 
@@ -16,11 +16,6 @@ SCORED = [("entmax", {"alpha": 1.5}), ("sparsemax", {}), ("topk", {"k": 4}), ("t
 @pytest.fixture(autouse=True)
 def _threads(one_thread):
     yield
-
-
-def logits(model, ids, mask=None):
-    with torch.no_grad():
-        return model(ids, attention_mask=mask).logits
 
 
 @pytest.mark.parametrize("kind,options", SCORED)

@@ -8,7 +8,7 @@ import torch
 
 import attnswap
 from attnswap.adapt.finetune import Adapters
-from tiny_models import left_padded_batch, tiny_model
+from tiny_models import left_padded_batch, logits, tiny_model
 
 pytest.importorskip("peft")
 
@@ -16,11 +16,6 @@ pytest.importorskip("peft")
 @pytest.fixture(autouse=True)
 def _threads(one_thread):
     yield
-
-
-def logits(model, ids, mask=None):
-    with torch.no_grad():
-        return model(ids, attention_mask=mask).logits
 
 
 def patterned_tokens(vocab: int, n: int = 400, seed: int = 1) -> torch.Tensor:

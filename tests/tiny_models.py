@@ -199,3 +199,9 @@ def left_padded_batch(vocab: int = VOCAB, batch: int = 3, seq: int = 14, pad: in
     input_ids[row, :pad] = PAD
     attention_mask[row, :pad] = 0
     return input_ids, attention_mask
+
+
+def logits(model, ids, mask=None):
+    """The model's logits for ``ids`` (and an attention mask), without gradients."""
+    with torch.no_grad():
+        return model(ids, attention_mask=mask).logits

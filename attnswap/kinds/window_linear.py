@@ -118,26 +118,21 @@ def _exact_part(qg, kg, vg, counts, *, window, sink_tokens, scaling, softcap, si
     return torch.cat(nums, dim=3), torch.cat(dens, dim=3)
 
 
-def cached_step(query, kept_k, kept_v, kept_n, new_k, new_v, real, state, norm, *, causal, window, sink_tokens, phi,
-                eps, scaling, softcap, sinks, projection):
+def cached_step(query, rows, real, state, norm, *, causal, window, sink_tokens, phi, eps, scaling, softcap, sinks,
+                projection):
     """Output (b,Hq,q,dv) fp32 of new queries against a bounded cache (``attnswap.StateCache``).
 
-    Per row r the cache keeps ``kept_n[r]`` keys in order (``kept_k``/``kept_v`` (b,Hkv,C,d), left-aligned): its
-    first ``sink_tokens`` real keys and its most recent ones; every key folded out (``state`` (b,Hkv,F,dv),
-    ``norm`` (b,Hkv,F) of the projected features, or None) is older than any new query's window and is not a
-    sink, so it is linear for all of them. The new keys (``real`` (b,q) bool or None: which are not padding)
-    follow the kept ones; query p sees the kept keys and the real new keys up to itself (all when not causal)."""
+    ``rows[r]`` = (keys, values (1,Hkv,L,d), n_kept): row r's kept keys in order (its first ``sink_tokens`` real
+    keys and its most recent ones, ``n_kept`` of them) followed by its real new keys (``real`` (b,q) bool or None:
+    which new tokens are not padding). Every key folded out (``state`` (b,Hkv,F,dv), ``norm`` (b,Hkv,F) of the
+    projected features, or None) is older than any new query's window and is not a sink, so it is linear for all
+    of them. Query p sees the kept keys and the real new keys up to itself (all when not causal)."""
     b, hq, q, _ = query.shape
-    hkv = new_k.shape[1]
+    hkv = rows[0][0].shape[1]
     sink_logit = None if sinks is None else sinks.float().reshape(1, hkv, hq // hkv, 1, 1)
     outs = []
-    for r in range(b):
-        n_kept = int(kept_n[r]) if kept_n is not None else 0
-        mine = torch.ones(q, dtype=torch.bool, device=new_k.device) if real is None else real[r]
-        k = torch.cat([kept_k[r:r + 1, :, :n_kept], new_k[r:r + 1][:, :, mine]], dim=2) if n_kept else \
-            new_k[r:r + 1][:, :, mine]
-        v = torch.cat([kept_v[r:r + 1, :, :n_kept], new_v[r:r + 1][:, :, mine]], dim=2) if n_kept else \
-            new_v[r:r + 1][:, :, mine]
+    for r, (k, v, n_kept) in enumerate(rows):
+        mine = torch.ones(q, dtype=torch.bool, device=k.device) if real is None else real[r]
         seen_new = torch.cumsum(mine.to(torch.int64), 0) if causal else mine.sum().expand(q)
         counts = (n_kept + seen_new).cpu()
         qg, kg, vg = group_heads(query[r:r + 1], k, v)

@@ -131,20 +131,27 @@ class WindowStateLayer(StateLayer):
         return super().nbytes() + sum(t.numel() * t.element_size() for t in (self.keys, self.values, self.kept)
                                       if t is not None)
 
-    @torch.no_grad()
-    def absorb(self, key, value, real, *, window: int, sink_tokens: int, phi, projection) -> None:
-        """Append each row's real new keys, fold the ones leaving the window (not sinks) into the state."""
-        from ..kinds.window_linear import folded
-
-        b, hkv, q, d = key.shape
-        rows_k, rows_v, kept, states, norms = [], [], [], [], []
-        for r in range(b):
+    def rows(self, key, value, real) -> list:
+        """Per row (keys, values (1,Hkv,L,d), n_kept): its kept keys followed by its real new keys."""
+        out = []
+        for r in range(key.shape[0]):
             mine = slice(None) if real is None else real[r]
             n_kept = int(self.kept[r]) if self.kept is not None else 0
-            k = torch.cat([self.keys[r:r + 1, :, :n_kept], key[r:r + 1][:, :, mine]], dim=2) if n_kept else \
-                key[r:r + 1][:, :, mine]
-            v = torch.cat([self.values[r:r + 1, :, :n_kept], value[r:r + 1][:, :, mine]], dim=2) if n_kept else \
-                value[r:r + 1][:, :, mine]
+            k, v = key[r:r + 1][:, :, mine], value[r:r + 1][:, :, mine]
+            if n_kept:
+                k = torch.cat([self.keys[r:r + 1, :, :n_kept], k], dim=2)
+                v = torch.cat([self.values[r:r + 1, :, :n_kept], v], dim=2)
+            out.append((k, v, n_kept))
+        return out
+
+    @torch.no_grad()
+    def absorb(self, rows, real, q: int, *, window: int, sink_tokens: int, phi, projection) -> None:
+        """Keep each row's (``rows``) sinks and window, fold the keys leaving the window into the state."""
+        from ..kinds.window_linear import folded
+
+        b, hkv = len(rows), rows[0][0].shape[1]
+        rows_k, rows_v, kept, states, norms = [], [], [], [], []
+        for k, v, _ in rows:
             total = k.shape[2]
             if total > sink_tokens + window:
                 out = slice(sink_tokens, total - window)
@@ -162,17 +169,18 @@ class WindowStateLayer(StateLayer):
         size = max(kept)
         pad = lambda t: torch.nn.functional.pad(t, (0, 0, 0, size - t.shape[2]))  # noqa: E731
         self.keys, self.values = torch.cat([pad(t) for t in rows_k]), torch.cat([pad(t) for t in rows_v])
-        self.kept = torch.tensor(kept, dtype=torch.int64, device=key.device)
+        device = self.keys.device
+        self.kept = torch.tensor(kept, dtype=torch.int64, device=device)
         if any(s is not None for s in states):
             if self.state is None:
                 f, dv = next(s for s in states if s is not None).shape[-2:]
-                self.state = key.new_zeros((b, hkv, f, dv), dtype=torch.float32)
-                self.norm = key.new_zeros((b, hkv, f), dtype=torch.float32)
+                self.state = torch.zeros((b, hkv, f, dv), dtype=torch.float32, device=device)
+                self.norm = torch.zeros((b, hkv, f), dtype=torch.float32, device=device)
             for r, (ds, dz) in enumerate(zip(states, norms)):
                 if ds is not None:
                     self.state[r:r + 1] += ds
                     self.norm[r:r + 1] += dz
-        count = real.sum(-1) if real is not None else torch.full((b,), q, dtype=torch.int64, device=key.device)
+        count = real.sum(-1) if real is not None else torch.full((b,), q, dtype=torch.int64, device=device)
         self.valid = count if self.valid is None else self.valid + count
         self.seen += q
 
@@ -341,10 +349,12 @@ def _window_attention(layer: WindowStateLayer, spec, query, key, value, attentio
     else:
         _check_new_keys(layer, new_mask, real, is_causal, q)
         query, key, _ = prepare_qk(spec.options, query, key, keep_projection=True)  # score_scale, as dispatch does
-        out = cached_step(query, layer.keys, layer.values, layer.kept, key, value, real, layer.state, layer.norm,
-                          causal=is_causal, window=window, sink_tokens=sink_tokens, phi=phi, eps=eps, scaling=scaling,
-                          softcap=softcap, sinks=sinks, projection=projection)
-    layer.absorb(key, value, real, window=window, sink_tokens=sink_tokens, phi=phi, projection=projection)
+    rows = layer.rows(key, value, real)  # per row: kept keys, then the real new ones (decode step and cache update)
+    if layer.seen:
+        out = cached_step(query, rows, real, layer.state, layer.norm, causal=is_causal, window=window,
+                          sink_tokens=sink_tokens, phi=phi, eps=eps, scaling=scaling, softcap=softcap, sinks=sinks,
+                          projection=projection)
+    layer.absorb(rows, real, q, window=window, sink_tokens=sink_tokens, phi=phi, projection=projection)
     return out
 
 

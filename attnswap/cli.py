@@ -7,9 +7,8 @@ import json
 import os
 import sys
 
-from .adapt.finetune import DEFAULT_LR as FINETUNE_LR, DEFAULT_RANK as LORA_RANK
+from .adapt.finetune import DEFAULT_LR as FINETUNE_LR, DEFAULT_OBJECTIVE, DEFAULT_RANK as LORA_RANK, OBJECTIVES
 from .adapt.transfer import DEFAULT_LR, DEFAULT_STEPS
-from .evals.corpus import FINETUNE_CHARS
 
 DEFAULT_ATTN = "softmax,topk:k=64,entmax:alpha=1.5,sparsemax,linear,taylor"
 # the demo also shows what training-free calibration and attention transfer recover (raw and fitted rows side by side)
@@ -176,10 +175,11 @@ def cmd_adapt(args) -> int:
 
         own = args.text_file or args.dataset
         tuned = finetune(model, runner.tokenize(tokenizer, text if own else finetune_text()), window=args.window,
-                         steps=args.finetune_steps, lr=args.finetune_lr, rank=args.lora_rank, progress=True).finetune
-        print(f"LoRA fine-tuning: {tuned['steps']} steps of {tuned['window']} tokens ({tuned['tokens']} tokens, "
-              f"{tuned['windows']} windows, {tuned['trainable_parameters']} parameters) in {tuned['seconds']:.1f} s: "
-              f"loss {tuned['loss_first']:.3f} -> {tuned['loss_last']:.3f}")
+                         steps=args.finetune_steps, lr=args.finetune_lr, rank=args.lora_rank,
+                         objective=args.finetune_objective, progress=True).finetune
+        print(f"LoRA fine-tuning ({tuned['objective']}): {tuned['steps']} steps of {tuned['window']} tokens "
+              f"({tuned['tokens']} tokens, {tuned['windows']} windows, {tuned['trainable_parameters']} parameters) "
+              f"in {tuned['seconds']:.1f} s: loss {tuned['loss_first']:.3f} -> {tuned['loss_last']:.3f}")
     print(f"wrote {save_swap(model, args.out)}")
     print(f"evaluate it with: attnswap eval ppl --attn {args.attn},saved:{args.out}")
     return 0
@@ -197,9 +197,11 @@ def _add_adapt_args(p, *, example: str, windows: int) -> None:
     p.add_argument("--dtype", default="float32")
     p.add_argument("--device", default="cuda" if _cuda() else "cpu")
     p.add_argument("--finetune-steps", type=int, default=0,
-                   help="then train LoRA adapters on next-token loss for this many steps of one window (default 0: "
-                        f"none; text: yours, else the corpus's last {FINETUNE_CHARS} characters)")
+                   help="then train LoRA adapters for this many steps of one window (default 0: none; text: "
+                        "yours, else the offline fine-tuning text, disjoint from the evaluation text)")
     p.add_argument("--finetune-lr", type=float, default=FINETUNE_LR)
+    p.add_argument("--finetune-objective", choices=OBJECTIVES, default=DEFAULT_OBJECTIVE,
+                   help="distill: from the model's own next-token distribution (default); next_token: the text's")
     p.add_argument("--lora-rank", type=int, default=LORA_RANK)
     p.set_defaults(fn=cmd_adapt, example=example)
 

@@ -145,8 +145,9 @@ def test_calibrate_and_transfer_commands_then_side_by_side_rows(tiny_dir, tmp_pa
                  "--windows", "2", "--steps", "5", "--finetune-steps", "3", "--lora-rank", "2"]) == 0
     printed = capsys.readouterr().out
     assert "score scales" in printed and "wrote" in printed and "5 steps per layer" in printed
-    assert "LoRA fine-tuning: 3 steps of 64 tokens" in printed
-    assert json.loads((tmp_path / "tr" / "attnswap_swap.json").read_text())["lora"]["rank"] == 2
+    assert "LoRA fine-tuning (distill): 3 steps of 64 tokens" in printed
+    record = json.loads((tmp_path / "tr" / "attnswap_swap.json").read_text())
+    assert record["lora"]["rank"] == 2 and record["finetune"]["objective"] == "distill"
     out = tmp_path / "res"
     code = main(["eval", "ppl", "--model", tiny_dir, "--attn",
                  f"entmax:alpha=1.5,saved:{cal},entmax:alpha=1.5:calibrated,linear,saved:{tr}", "--out", str(out),

@@ -8,6 +8,7 @@ import torch
 
 import attnswap
 from attnswap.adapt.finetune import Adapters
+from attnswap.patches.swap import current_swap
 from tiny_models import left_padded_batch, logits, tiny_model
 
 pytest.importorskip("peft")
@@ -32,7 +33,7 @@ def lora_names(model) -> list:
     return [n for n, _ in model.named_parameters() if Adapters.owns(n)]
 
 
-def finetuned(family="llama", kind="linear", steps=25, **options):
+def finetuned(family="llama", kind="linear", steps=25, objective="next_token", **options):
     model = tiny_model(family)
     ids, mask = left_padded_batch(model.config.vocab_size)
     own = logits(model, ids, mask)
@@ -40,7 +41,7 @@ def finetuned(family="llama", kind="linear", steps=25, **options):
     attnswap.swap_attention(model, kind, **options)
     swapped = logits(model, ids, mask)
     handle = attnswap.finetune(model, patterned_tokens(model.config.vocab_size), window=32, steps=steps, lr=1e-2,
-                               rank=4)
+                               rank=4, objective=objective)
     return model, handle, (ids, mask), own, swapped, names
 
 
@@ -110,9 +111,91 @@ def test_finetune_bad_input():
         attnswap.finetune(model, data, window=32, steps=2, rank=0)
     with pytest.raises(attnswap.AttnSwapError, match="shorter than one window"):
         attnswap.finetune(model, data[:20], window=32, steps=2)
+    with pytest.raises(attnswap.AttnSwapError, match=r"objective 'mse'; choose one of \['distill', 'next_token'\]"):
+        attnswap.finetune(model, data, window=32, steps=2, objective="mse")
+    with pytest.raises(attnswap.AttnSwapError, match="distill_top must be an integer >= 2"):
+        attnswap.finetune(model, data, window=32, steps=2, distill_top=1)
     with pytest.raises(attnswap.AttnSwapError, match="do not fit this model"):
         attnswap.finetune(model, data, window=32, steps=2, targets=["no_such_layer"])
     assert lora_names(model) == [] and all(p.requires_grad for p in model.parameters())
     attnswap.finetune(model, data, window=32, steps=1)
     with pytest.raises(attnswap.AttnSwapError, match="already has LoRA adapters"):
         attnswap.finetune(model, data, window=32, steps=1)
+
+
+def kl_to_own(own: torch.Tensor, other: torch.Tensor) -> float:
+    """Mean over positions of KL(own || other) on the full vocabulary."""
+    p, q = own.float().log_softmax(-1), other.float().log_softmax(-1)
+    return (p.exp() * (p - q)).sum(-1).mean().item()
+
+
+def test_distill_loss_is_zero_on_the_teacher_and_positive_elsewhere():
+    from attnswap.adapt.finetune import distill_loss
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(1, 6, 50, generator=g)
+    values, ids = logits[0].log_softmax(-1).topk(8, dim=-1)
+    target = (values, ids.to(torch.int32))
+    assert distill_loss(logits, target).abs().item() < 1e-6
+    assert distill_loss(logits + 3.0, target).abs().item() < 1e-6  # a constant shift is the same distribution
+    worse = logits.clone()
+    worse[0, :, :] += torch.randn(6, 50, generator=g)
+    assert distill_loss(worse, target).item() > 1e-3
+
+
+def test_distillation_brings_the_swap_towards_the_models_own_distribution():
+    model = tiny_model("llama")
+    vocab = model.config.vocab_size
+    tokens = patterned_tokens(vocab, 640 + 64)
+    train, held_out = tokens[:640], tokens[640:]  # the same kind of text, not trained on
+    with torch.no_grad():
+        own = model(input_ids=held_out[None]).logits
+    handle = attnswap.swap_attention(model, "linear")
+    with torch.no_grad():
+        raw = model(input_ids=held_out[None]).logits
+    handle = attnswap.finetune(model, train, window=32, steps=30, lr=1e-2, rank=4, distill_top=16)
+    assert current_swap(model) is handle and handle.active  # back after the teacher pass
+    report = handle.finetune
+    assert report["objective"] == "distill" and report["distill_top"] == 16 and report["windows_used"] == 20
+    assert report["loss_last"] < 0.5 * report["loss_first"]
+    with torch.no_grad():
+        tuned = model(input_ids=held_out[None]).logits
+    assert kl_to_own(own, tuned) < 0.5 * kl_to_own(own, raw)  # on text it did not see
+
+
+def test_teacher_targets_are_the_models_own_top_tokens():
+    from attnswap.adapt.finetune import teacher_targets
+
+    model = tiny_model("qwen2")
+    window = patterned_tokens(model.config.vocab_size, 32)
+    with torch.no_grad():
+        own = model(input_ids=window[None]).logits[0].float().log_softmax(-1)
+    handle = attnswap.swap_attention(model, "entmax", alpha=1.5)
+    [(values, ids)] = teacher_targets(model, handle, window[None], top=5)
+    expected_values, expected_ids = own.topk(5, dim=-1)
+    assert ids.dtype == torch.int32 and torch.equal(ids.long(), expected_ids)
+    torch.testing.assert_close(values, expected_values)
+    assert current_swap(model) is handle and handle.active
+
+
+@pytest.mark.parametrize("feature_maps", [True, False])
+def test_finetune_trains_the_transferred_feature_maps_too(tmp_path, feature_maps):
+    from attnswap.registry import FEATURE_PROJ
+
+    model = tiny_model("llama")
+    ids, mask = left_padded_batch(model.config.vocab_size)
+    data = patterned_tokens(model.config.vocab_size)
+    handle = attnswap.transfer(model, "linear", data, window=32, max_windows=2, steps=3)
+    before = {i: o[FEATURE_PROJ].weight.clone() for i, o in handle.layer_options.items()}
+    attnswap.finetune(model, data, window=32, steps=5, lr=1e-2, rank=2, feature_maps=feature_maps)
+    maps = {i: o[FEATURE_PROJ].weight for i, o in handle.layer_options.items()}
+    assert all(torch.equal(maps[i], before[i]) != feature_maps for i in maps)
+    assert not any(o[FEATURE_PROJ].weight.requires_grad for o in handle.layer_options.values())
+    expected = sum(o[FEATURE_PROJ].weight.numel() + o[FEATURE_PROJ].bias.numel()
+                   for o in handle.layer_options.values()) if feature_maps else 0
+    assert handle.finetune["feature_map_parameters"] == expected
+    tuned = logits(model, ids, mask)
+    attnswap.save_swap(model, tmp_path)
+    fresh = tiny_model("llama")
+    attnswap.load_swap(fresh, tmp_path)
+    assert torch.equal(logits(fresh, ids, mask), tuned)  # the trained maps are saved with the adapters

@@ -1,6 +1,9 @@
 """LoRA fine-tuning of a swapped model (LoLCATs' second stage, after attention transfer): low-rank adapters
-(``peft``) on the decoder's linear layers, trained on next-token loss with the swapped attention (and its learned
-feature maps) in place, every original weight frozen.
+(``peft``) on the decoder's linear layers, trained with the swapped attention in place (and, by default, the
+swap's learned feature maps from attention transfer with them), every original weight frozen. The objective is
+distillation from the model itself (the default: the KL divergence from the model's own next-token distribution,
+with its own attention, to the swapped model's, seen through the teacher's top ``distill_top`` tokens at every
+position and one bucket for the rest) or plain next-token loss on the text.
 
 The adapters sit beside the frozen weights, unmerged, and belong to the swap: ``restore()`` (or a new swap) takes
 them out again, so the model's own weights are never touched and ``restore_attention`` still gives bit-identical
@@ -16,11 +19,15 @@ import warnings
 import torch
 
 from ..errors import AttnSwapError
+from ..progress import progress_bar
+from ..registry import FEATURE_PROJ
 
 ADAPTER = "attnswap"  # the peft adapter name
-DEFAULT_STEPS, DEFAULT_LR, DEFAULT_RANK = 200, 1e-3, 16
+DEFAULT_STEPS, DEFAULT_LR, DEFAULT_RANK = 200, 2e-3, 16
 DEFAULT_TARGETS = "all-linear"  # peft: every linear layer but the output head
 WARMUP_STEPS = 10
+OBJECTIVES = ("distill", "next_token")
+DEFAULT_OBJECTIVE, DEFAULT_TOP = "distill", 64
 
 
 def _peft():
@@ -101,15 +108,57 @@ def _schedule(step: int, steps: int) -> float:
     return min(1.0, (step + 1) / WARMUP_STEPS) * max(0.0, 1.0 - step / steps)
 
 
+def teacher_targets(model, handle, windows, *, top: int, progress: bool = False) -> list:
+    """For each window, the model's own (unswapped, no adapters) top-``top`` next-token log-probabilities and
+    their token ids at every position, kept on the CPU (ids as int32): the distillation targets."""
+    device = next(model.parameters()).device
+    handle.restore()  # the model's own attention for the teacher pass; the same swap comes back after
+    targets, bar = [], progress_bar(len(windows), "teacher targets", progress)
+    try:
+        with torch.no_grad():
+            for window in windows:
+                logp = model(input_ids=window[None].to(device), use_cache=False).logits[0].float().log_softmax(-1)
+                values, ids = logp.topk(min(top, logp.shape[-1]), dim=-1)
+                targets.append((values.cpu(), ids.to(torch.int32).cpu()))
+                if bar is not None:
+                    bar.update(1)
+    finally:
+        handle._activate()
+        if bar is not None:
+            bar.close()
+    return targets
+
+
+def distill_loss(logits: torch.Tensor, target) -> torch.Tensor:
+    """KL(teacher || student) of the two next-token distributions seen through the teacher's top tokens plus one
+    bucket for all the others (exact when the teacher keeps every token), mean over positions: zero when the
+    swapped model gives each kept token, and the rest together, the teacher's probability."""
+    values, ids = target
+    ids = ids.to(logits.device).long()
+    logits = logits[0].float()
+    total = logits.logsumexp(-1, keepdim=True)
+    logq = torch.cat([logits.gather(-1, ids), logits.scatter(-1, ids, -math.inf).logsumexp(-1, keepdim=True)],
+                     -1) - total
+    logp = values.to(logits.device).float()
+    rest = (-torch.expm1(logp.logsumexp(-1, keepdim=True))).clamp_min(0.0)  # the teacher's mass on other tokens
+    p = torch.cat([logp.exp(), rest], -1)
+    return (torch.xlogy(p, p) - p * logq).sum(-1).mean()
+
+
 def finetune(model, data, *, tokenizer=None, window: int = 512, max_windows: int | None = None,
              steps: int = DEFAULT_STEPS, lr: float = DEFAULT_LR, rank: int = DEFAULT_RANK, alpha: float | None = None,
-             targets=DEFAULT_TARGETS, progress: bool = False, seed: int = 0):
-    """Train LoRA adapters of the swapped ``model`` on next-token loss; returns the swap's handle.
+             targets=DEFAULT_TARGETS, objective: str = DEFAULT_OBJECTIVE, distill_top: int = DEFAULT_TOP,
+             feature_maps: bool = True, progress: bool = False, seed: int = 0):
+    """Train LoRA adapters of the swapped ``model``; returns the swap's handle.
 
     ``data``: token ids or text (with ``tokenizer``), cut into windows of ``window`` tokens (all of them, or at most
-    ``max_windows``), visited in turn, one window per step: the token budget is ``steps * window``. ``rank`` and
-    ``alpha`` (default ``2 * rank``) are LoRA's; ``targets``: peft's ``target_modules`` (default every linear layer
-    but the output head). ``handle.finetune`` reports the settings, the loss curve and the time.
+    ``max_windows``), visited in a shuffled order, one window per step: the token budget is ``steps * window``.
+    ``objective``: ``"distill"`` (default; the model with its own attention is the teacher: one forward per window
+    before training, its top ``distill_top`` log-probabilities kept) or ``"next_token"``. ``rank`` and ``alpha``
+    (default ``2 * rank``) are LoRA's; ``targets``: peft's ``target_modules`` (default every linear layer but the
+    output head). ``feature_maps``: also train the swap's learned query/key maps (``attnswap.transfer``'s
+    ``feature_proj``) end to end, in place (they stay options of the swap). ``handle.finetune`` reports the
+    settings, the loss curve and the time.
     """
     from ..patches.swap import current_swap
     from .calibrate import calibration_windows
@@ -123,30 +172,38 @@ def finetune(model, data, *, tokenizer=None, window: int = 512, max_windows: int
         raise AttnSwapError(f"finetune needs steps >= 1 and lr > 0, got steps={steps!r}, lr={lr!r}")
     if not (isinstance(rank, int) and rank >= 1):
         raise AttnSwapError(f"rank must be a positive integer, got {rank!r}")
+    if objective not in OBJECTIVES:
+        raise AttnSwapError(f"unknown fine-tuning objective {objective!r}; choose one of {list(OBJECTIVES)}")
+    if objective == "distill" and not (isinstance(distill_top, int) and distill_top >= 2):
+        raise AttnSwapError(f"distill_top must be an integer >= 2 (tokens kept per position), got {distill_top!r}")
     windows = calibration_windows(data, tokenizer, window=window, max_windows=max_windows or 10**9)
+    generator = torch.Generator().manual_seed(seed)
+    order = torch.randperm(windows.shape[0], generator=generator)[:steps]  # the windows the steps visit, in turn
+    start = time.perf_counter()
+    teacher = (teacher_targets(model, handle, windows[order], top=distill_top, progress=progress)
+               if objective == "distill" else None)
     settings = {"rank": rank, "alpha": float(alpha if alpha is not None else 2 * rank),
                 "targets": targets if isinstance(targets, str) else list(targets)}
     adapters = Adapters(model, settings).attach()
     handle.adapters = adapters
-    params = adapters.trainable()
+    maps = swap_feature_maps(handle) if feature_maps else []
+    params = adapters.trainable() + maps
     device = next(model.parameters()).device
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _schedule(s, steps))
-    generator = torch.Generator().manual_seed(seed)
-    order = torch.randperm(windows.shape[0], generator=generator)
     was_training = model.training
-    losses, start = [], time.perf_counter()
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=steps, desc="LoRA fine-tuning", unit="step")
+    losses = []
+    bar = progress_bar(steps, "LoRA fine-tuning", progress)
     model.train()
     try:
         with torch.enable_grad():
             for step in range(steps):
-                ids = windows[order[step % len(order)]][None].to(device)
-                loss = model(input_ids=ids, labels=ids).loss
+                slot = step % len(order)
+                ids = windows[order[slot]][None].to(device)
+                if teacher is None:
+                    loss = model(input_ids=ids, labels=ids).loss
+                else:
+                    loss = distill_loss(model(input_ids=ids).logits, teacher[slot])
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -160,18 +217,35 @@ def finetune(model, data, *, tokenizer=None, window: int = 512, max_windows: int
         model.train(was_training)
         for p in params:
             p.grad = None
+        for p in maps:  # options of the swap again, not parameters
+            p.requires_grad_(False)
         if bar is not None:
             bar.close()
     tail = max(1, min(10, steps // 5))
+    loss_name = (f"KL from the model's own next-token distribution (its top {distill_top} tokens)"
+                 if teacher is not None else "next-token cross-entropy")
     handle.finetune = {
-        "method": "LoRA (peft) on next-token loss with the swap in place, original weights frozen, AdamW, linear "
-                  "warm-up then decay, gradient norm clipped at 1", **settings, "steps": steps, "lr": lr,
-        "window": window, "windows": int(windows.shape[0]), "tokens": steps * window,
-        "trainable_parameters": sum(p.numel() for p in params), "loss_first": _mean_of(losses[:tail]),
+        "method": f"LoRA (peft) with the swap in place, original weights frozen, on {loss_name}; AdamW, linear "
+                  "warm-up then decay, gradient norm clipped at 1", **settings, "objective": objective,
+        **({"distill_top": distill_top} if teacher is not None else {}), "steps": steps, "lr": lr,
+        "window": window, "windows": int(windows.shape[0]), "windows_used": len(order), "tokens": steps * window,
+        "trainable_parameters": sum(p.numel() for p in params),
+        "feature_map_parameters": sum(p.numel() for p in maps), "loss_first": _mean_of(losses[:tail]),
         "loss_last": _mean_of(losses[-tail:]), "loss_curve": [round(x, 4) for x in losses],
         "seconds": time.perf_counter() - start,
     }
     return handle
+
+
+def swap_feature_maps(handle) -> list:
+    """The tensors of the swap's learned query/key maps (every layer's ``feature_proj``), made trainable."""
+    tensors = {}
+    for options in (handle.options, *handle.layer_options.values()):
+        projection = options.get(FEATURE_PROJ)
+        if projection is not None:
+            for t in (projection.weight, projection.bias):
+                tensors[id(t)] = t
+    return [t.requires_grad_(True) for t in tensors.values()]
 
 
 def _mean_of(values) -> float:

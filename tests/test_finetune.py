@@ -141,6 +141,9 @@ def test_distill_loss_is_zero_on_the_teacher_and_positive_elsewhere():
     worse = logits.clone()
     worse[0, :, :] += torch.randn(6, 50, generator=g)
     assert distill_loss(worse, target).item() > 1e-3
+    every = logits[0].log_softmax(-1).topk(50, dim=-1)  # the teacher keeps all tokens: the exact KL
+    assert distill_loss(worse, (every[0], every[1].to(torch.int32))).item() == pytest.approx(
+        kl_to_own(logits[0], worse[0]), rel=1e-5)
 
 
 def test_distillation_brings_the_swap_towards_the_models_own_distribution():

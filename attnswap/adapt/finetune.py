@@ -142,7 +142,8 @@ def distill_loss(logits: torch.Tensor, target) -> torch.Tensor:
     logp = values.to(logits.device).float()
     rest = (-torch.expm1(logp.logsumexp(-1, keepdim=True))).clamp_min(0.0)  # the teacher's mass on other tokens
     p = torch.cat([logp.exp(), rest], -1)
-    return (torch.xlogy(p, p) - p * logq).sum(-1).mean()
+    cross = torch.where(p > 0, p * logq, 0.0)  # no 0 * -inf where the teacher keeps every token
+    return (torch.xlogy(p, p) - cross).sum(-1).mean()
 
 
 def finetune(model, data, *, tokenizer=None, window: int = 512, max_windows: int | None = None,

@@ -82,7 +82,7 @@ def finetune_text(max_chars: int | None = None) -> str:
     """English prose for LoRA fine-tuning, disjoint from the first 8192 tokens ``attnswap eval`` scores by default:
     the default corpus's last ``FINETUNE_CHARS`` characters, then the docstrings of more of the standard library
     (classes' methods included) that the evaluation corpus does not hold, then the Python reference's topics
-    (``pydoc_data``, where installed). About a million characters on CPython 3.12; ``max_chars`` keeps its start."""
+    (``pydoc_data``, where installed). About a million characters on CPython 3.11; ``max_chars`` keeps its start."""
     parts = [calibration_text(FINETUNE_CHARS)]
     parts += stdlib_docstrings(FINETUNE_MODULES, methods=True, exclude=stdlib_docstrings())
     try:

@@ -133,17 +133,16 @@ def test_distill_loss_is_zero_on_the_teacher_and_positive_elsewhere():
     from attnswap.adapt.finetune import distill_loss
 
     g = torch.Generator().manual_seed(0)
-    logits = torch.randn(1, 6, 50, generator=g)
-    values, ids = logits[0].log_softmax(-1).topk(8, dim=-1)
+    scores = torch.randn(1, 6, 50, generator=g)
+    values, ids = scores[0].log_softmax(-1).topk(8, dim=-1)
     target = (values, ids.to(torch.int32))
-    assert distill_loss(logits, target).abs().item() < 1e-6
-    assert distill_loss(logits + 3.0, target).abs().item() < 1e-6  # a constant shift is the same distribution
-    worse = logits.clone()
-    worse[0, :, :] += torch.randn(6, 50, generator=g)
+    assert distill_loss(scores, target).abs().item() < 1e-6
+    assert distill_loss(scores + 3.0, target).abs().item() < 1e-6  # a constant shift is the same distribution
+    worse = scores + torch.randn(1, 6, 50, generator=g)
     assert distill_loss(worse, target).item() > 1e-3
-    every = logits[0].log_softmax(-1).topk(50, dim=-1)  # the teacher keeps all tokens: the exact KL
+    every = scores[0].log_softmax(-1).topk(50, dim=-1)  # the teacher keeps all tokens: the exact KL
     assert distill_loss(worse, (every[0], every[1].to(torch.int32))).item() == pytest.approx(
-        kl_to_own(logits[0], worse[0]), rel=1e-5)
+        kl_to_own(scores[0], worse[0]), rel=1e-5)
 
 
 def test_distillation_brings_the_swap_towards_the_models_own_distribution():
@@ -151,18 +150,15 @@ def test_distillation_brings_the_swap_towards_the_models_own_distribution():
     vocab = model.config.vocab_size
     tokens = patterned_tokens(vocab, 640 + 64)
     train, held_out = tokens[:640], tokens[640:]  # the same kind of text, not trained on
-    with torch.no_grad():
-        own = model(input_ids=held_out[None]).logits
-    handle = attnswap.swap_attention(model, "linear")
-    with torch.no_grad():
-        raw = model(input_ids=held_out[None]).logits
+    own = logits(model, held_out[None])
+    attnswap.swap_attention(model, "linear")
+    raw = logits(model, held_out[None])
     handle = attnswap.finetune(model, train, window=32, steps=30, lr=1e-2, rank=4, distill_top=16)
     assert current_swap(model) is handle and handle.active  # back after the teacher pass
     report = handle.finetune
     assert report["objective"] == "distill" and report["distill_top"] == 16 and report["windows_used"] == 20
     assert report["loss_last"] < 0.5 * report["loss_first"]
-    with torch.no_grad():
-        tuned = model(input_ids=held_out[None]).logits
+    tuned = logits(model, held_out[None])
     assert kl_to_own(own, tuned) < 0.5 * kl_to_own(own, raw)  # on text it did not see
 
 
@@ -171,8 +167,7 @@ def test_teacher_targets_are_the_models_own_top_tokens():
 
     model = tiny_model("qwen2")
     window = patterned_tokens(model.config.vocab_size, 32)
-    with torch.no_grad():
-        own = model(input_ids=window[None]).logits[0].float().log_softmax(-1)
+    own = logits(model, window[None])[0].float().log_softmax(-1)
     handle = attnswap.swap_attention(model, "entmax", alpha=1.5)
     [(values, ids)] = teacher_targets(model, handle, window[None], top=5)
     expected_values, expected_ids = own.topk(5, dim=-1)

@@ -191,3 +191,31 @@ def test_record_goes_to_out_dir(tmp_path):
     assert json.loads((tmp_path / "somewhere.jsonl").read_text()) == row and row["commit"]
     assert common.with_speedup({"ms": 2.0, "baseline_ms": 3.0})["speedup"] == 1.5
     assert common.with_speedup({"ms": None, "baseline_ms": 3.0})["speedup"] is None
+
+
+def test_lora_recovery_smoke(tiny_dir, tmp_path, one_thread_here):
+    """Own, raw, transferred and fine-tuned rows from one run; the texts carried with --dump-texts/--texts are the
+    ones this Python builds."""
+    import lora_recovery
+    from attnswap.evals.corpus import calibration_text, default_text, finetune_text
+
+    texts = tmp_path / "texts"
+    assert lora_recovery.main(["--dump-texts", str(texts)]) == []
+    assert (texts / "eval.txt").read_text() == default_text()
+    assert (texts / "calibration.txt").read_text() == calibration_text()
+    assert (texts / "finetune.txt").read_text() == finetune_text()
+    for name in ("eval", "calibration", "finetune"):  # a tiny model needs little text
+        (texts / f"{name}.txt").write_text((texts / f"{name}.txt").read_text()[:6000])
+    before = results_snapshot()
+    rows = lora_recovery.main(["--model", tiny_dir, "--device", "cpu", "--texts", str(texts), "--window", "32",
+                               "--eval-tokens", "96", "--transfer-steps", "3", "--lora-steps", "2,3",
+                               "--out", str(tmp_path / "out")])
+    assert results_snapshot() == before, "the smoke run wrote into benchmarks/results"
+    assert read_lines(tmp_path / "out") == rows
+    assert [r["stage"] for r in rows] == ["own", "raw", "transfer", "lora 2", "lora 3"]
+    assert all(r["bench"] == "lora_recovery" and r["eval_tokens"] == 96 and math.isfinite(r["ppl"]) for r in rows)
+    own = rows[0]["ppl"]
+    assert rows[0]["vs_own"] == 1.0 and all(r["vs_own"] == pytest.approx(r["ppl"] / own) for r in rows)
+    assert rows[1]["ppl"] != own  # the swap is in place for the raw row
+    assert rows[2]["tokens"] == 8 * 32 and rows[2]["steps_per_layer"] == 3
+    assert [(r["steps"], r["tokens"]) for r in rows[3:]] == [(2, 64), (3, 96)]

@@ -145,6 +145,30 @@ def test_distill_loss_is_zero_on_the_teacher_and_positive_elsewhere():
         kl_to_own(scores[0], worse[0]), rel=1e-5)
 
 
+def test_distill_loss_and_its_gradient_match_the_bucketed_kl_written_out():
+    """The loss takes the rest bucket as what the kept tokens leave (one pass over the vocabulary): the same value
+    and gradient as summing the student's probabilities of every token the teacher did not keep."""
+    from attnswap.adapt.finetune import distill_loss
+
+    g = torch.Generator().manual_seed(1)
+    teacher = torch.randn(1, 7, 300, generator=g) * 3
+    values, ids = teacher[0].log_softmax(-1).topk(16, dim=-1)
+    student = (teacher + torch.randn(1, 7, 300, generator=g)).requires_grad_(True)
+    distill_loss(student, (values, ids.to(torch.int32))).backward()
+    ours = student.grad.clone()
+    student.grad = None
+    q = student[0].softmax(-1)
+    dropped = torch.ones_like(q, dtype=torch.bool).scatter(-1, ids, False)
+    q_buckets = torch.cat([q.gather(-1, ids), (q * dropped).sum(-1, keepdim=True)], -1)
+    p = values.exp()
+    p_buckets = torch.cat([p, 1 - p.sum(-1, keepdim=True)], -1)
+    reference = (p_buckets * (p_buckets.log() - q_buckets.log())).sum(-1).mean()
+    reference.backward()
+    assert reference.item() > 1e-2
+    assert distill_loss(student, (values, ids.to(torch.int32))).item() == pytest.approx(reference.item(), rel=1e-5)
+    torch.testing.assert_close(ours, student.grad, rtol=1e-4, atol=1e-7)
+
+
 def test_distillation_brings_the_swap_towards_the_models_own_distribution():
     model = tiny_model("llama")
     vocab = model.config.vocab_size

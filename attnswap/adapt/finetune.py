@@ -136,9 +136,10 @@ def distill_loss(logits: torch.Tensor, target) -> torch.Tensor:
     values, ids = target
     ids = ids.to(logits.device).long()
     logits = logits[0].float()
-    total = logits.logsumexp(-1, keepdim=True)
-    logq = torch.cat([logits.gather(-1, ids), logits.scatter(-1, ids, -math.inf).logsumexp(-1, keepdim=True)],
-                     -1) - total
+    # one pass over the vocabulary (and one softmax in backward): the rest bucket is what the kept tokens leave
+    kept = logits.gather(-1, ids) - logits.logsumexp(-1, keepdim=True)
+    rest_q = (-torch.expm1(kept.logsumexp(-1, keepdim=True))).clamp_min(torch.finfo(torch.float32).tiny)
+    logq = torch.cat([kept, rest_q.log()], -1)
     logp = values.to(logits.device).float()
     rest = (-torch.expm1(logp.logsumexp(-1, keepdim=True))).clamp_min(0.0)  # the teacher's mass on other tokens
     p = torch.cat([logp.exp(), rest], -1)

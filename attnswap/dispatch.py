@@ -9,6 +9,7 @@ import warnings
 import torch
 
 from .errors import AttnSwapError
+from .kinds.softmax import sdpa_attention
 from .kinds.visibility import Visibility
 from .observe import current_observer, current_tap
 from . import registry
@@ -53,6 +54,12 @@ def run(kind: Kind, options: dict, query, key, value, vis: Visibility, *, scalin
             raise AttnSwapError("impl='triton' cannot be observed block by block; use impl='auto' or 'torch'")
         impl = "torch"
     base = registry.get(kind.alias_of) if kind.alias_of else kind  # aliases share their base's kernel
+    if (impl != "triton" and softcap is None and sinks is None and not need_weights and observer is None
+            and base.reduces_to_softmax is not None and base.reduces_to_softmax(options, vis)
+            and sdpa_is_faster(query, key, vis, impl)):
+        out = sdpa_attention(query, key, value, vis, scaling=scaling, dropout=dropout)
+        if out is not None:
+            return out, None
     # "auto" takes a kernel for CUDA tensors only; "triton" also runs it on CPU tensors under TRITON_INTERPRET=1
     if impl == "triton" or (impl == "auto" and base.kernel is not None and query.is_cuda):
         supported, why = _kernel_supports(base, query, key, value, vis, {**kw, **options})
@@ -76,6 +83,33 @@ def run(kind: Kind, options: dict, query, key, value, vis: Visibility, *, scalin
             warn_once((kind.name, why), f"attnswap: kind {kind.name!r} falls back to the PyTorch reference: {why}")
     out, weights = kind.forward(query, key, value, vis, **kw, **options)
     return out.to(query.dtype), (weights.to(query.dtype) if weights is not None else None)
+
+
+# On a GPU, SDPA's flash kernel against our Triton softmax kernel, both called through ``attnswap.attention`` (NVIDIA
+# H200, bf16, causal; benchmarks/results/NVIDIA-H200.jsonl, commit 0d556b1/5b0a922): b 1, Hq 9, Hkv 3, d 64 (SmolLM2)
+# at N = 1k / 4k / 16k: SDPA 0.067 / 0.156 / 1.272 ms, ours 0.253 / 0.328 / 1.102 ms; b 16, Hq 32, d 64, N = 1k:
+# SDPA 0.319, ours 0.242; b 32, Hq 16, d 128, N = 1k: SDPA 0.528, ours 0.463. SDPA wins below about 2**28 query-key
+# pairs (b·Hq·n·m; 1.5e8 at SmolLM2's 4k), ours above (5.4e8). Those runs still paid our per-call host cost; the
+# crossover is to be measured again now that it is gone.
+CUDA_SDPA_MAX_PAIRS = 1 << 28
+
+
+def sdpa_is_faster(query, key, vis, impl: str) -> bool:
+    """Whether torch's fused SDPA is the path to take for plain softmax attention on these inputs (``prefer_sdpa``)."""
+    b, hq, n, d = query.shape
+    return prefer_sdpa(device_type=query.device.type, dtype=query.dtype, pairs=b * hq * n * key.shape[2], head_dim=d,
+                       masked=vis.mask is not None, impl=impl)
+
+
+def prefer_sdpa(*, device_type: str, dtype, pairs: int, head_dim: int, masked: bool, impl: str) -> bool:
+    """On a CPU, SDPA always (there is no kernel of ours there); on CUDA only where its flash kernel runs (half
+    precision, head dim <= 256, no mask: GQA or a mask would send SDPA to its O(N^2)-memory math kernel) and below the
+    crossover with our kernel (``CUDA_SDPA_MAX_PAIRS`` query-key pairs, b·Hq·n·m), or with ``impl="torch"``; on other
+    devices the PyTorch reference."""
+    if device_type != "cuda":
+        return device_type == "cpu"
+    flash = dtype in (torch.float16, torch.bfloat16) and head_dim <= 256 and not masked
+    return flash and (impl == "torch" or pairs < CUDA_SDPA_MAX_PAIRS)
 
 
 def prepare_qk(options: dict, query: torch.Tensor, key: torch.Tensor, keep_projection: bool = False):

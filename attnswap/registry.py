@@ -72,6 +72,9 @@ class Kind:
     # hybrids that decode with a bounded set of exact keys plus a running state (window_linear): options ->
     # (local_window, sink_tokens, phi, eps)
     bounded_state: Callable | None = None
+    # (options, visibility) -> whether the kind computes plain softmax attention on this call (topk with k at least the
+    # keys any query sees): then torch's fused SDPA may run it
+    reduces_to_softmax: Callable | None = None
 
     @property
     def decodes_with_state(self) -> bool:
@@ -188,6 +191,7 @@ def add(kind: Kind, *, overwrite: bool = False) -> Kind:
         what = "a built-in kind" if existing.builtin else "already registered (pass overwrite=True to replace it)"
         raise AttnSwapError(f"attention kind {kind.name!r} is {what}")
     _KINDS[kind.name] = kind
+    _RESOLVED.clear()
     for fn in _listeners:
         fn(kind.name)
     return kind
@@ -220,6 +224,23 @@ def names() -> list[str]:
     return sorted(_KINDS)
 
 
+_RESOLVED: dict = {}  # (name, options) -> resolved options, for calls that repeat them (the functional API)
+
+
 def resolve(name: str, options: dict) -> tuple[Kind, dict]:
+    """(kind, its resolved options). Remembers what it resolved for hashable options (a few µs a call otherwise);
+    registering a kind again forgets it."""
+    try:
+        key = (name, tuple(options.items()))
+        kind, resolved = _RESOLVED[key]
+        return kind, dict(resolved)
+    except (KeyError, TypeError):  # not seen yet, or an unhashable option value
+        pass
     kind = get(name)
-    return kind, kind.resolve(options)
+    resolved = kind.resolve(options)
+    try:
+        if len(_RESOLVED) < 4096:
+            _RESOLVED[key] = (kind, dict(resolved))
+    except TypeError:
+        pass
+    return kind, resolved

@@ -24,6 +24,12 @@ step "${KERNEL_TESTS_S:-200}" kernel-tests env ATTNSWAP_AUTOTUNE=0 python3 -m py
     tests/test_kernels_softmax_bwd.py tests/test_kernels_topk.py tests/test_kernels_entmax.py \
     tests/test_kernels_linear.py -q -n 8 --timeout 150 -p no:cacheprovider -rfE
 tail -n 25 "$LOG" | grep -E "passed|failed|error" | tail -n 3
+# routing: the softmax swap against the model's own SDPA and against the torch call it dispatches to (SmolLM2's
+# shapes, then head dim 128), prefill and decode; the crossover with our kernel shows in the prefill rows
+step "${DISPATCH_S:-60}" dispatch-d64 python3 benchmarks/dispatch_overhead.py --device cuda --kv 1k,16k \
+    --prefill 1k,4k,16k --calls 100 --out "$OUT"
+step "${DISPATCH_S:-60}" dispatch-d128 python3 benchmarks/dispatch_overhead.py --device cuda --heads 16 --kv-heads 8 \
+    --head-dim 128 --kv 1k,16k --prefill 1k,4k,16k --calls 100 --out "$OUT"
 step "${ATTENTION_S:-100}" attention python3 benchmarks/attention.py --quick --out "$OUT"
 step "${SPARSE_S:-120}" sparse python3 benchmarks/sparse_attention.py --lengths 1k,4k,16k,64k --baselines "$baselines" \
     --out "$OUT"

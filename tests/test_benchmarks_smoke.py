@@ -219,3 +219,24 @@ def test_lora_recovery_smoke(tiny_dir, tmp_path, one_thread_here):
     assert rows[1]["ppl"] != own  # the swap is in place for the raw row
     assert rows[2]["tokens"] == 8 * 32 and rows[2]["steps_per_layer"] == 3
     assert [(r["steps"], r["tokens"]) for r in rows[3:]] == [(2, 64), (3, 96)]
+
+
+def test_dispatch_overhead_smoke(tmp_path, one_thread_here):
+    """Rows for the functional API and the transformers backend, decode and prefill, SPEC-shaped; the overhead is a
+    difference of two timings measured in the same run."""
+    import dispatch_overhead
+
+    before = results_snapshot()
+    rows = dispatch_overhead.main(["--smoke", "--device", "cpu", "--out", str(tmp_path)])
+    assert results_snapshot() == before, "the smoke run wrote into benchmarks/results"
+    lines = read_lines(tmp_path)
+    assert lines == rows
+    assert {(r["mode"], r["kind"], r["path"]) for r in rows} == {
+        (mode, kind, path) for mode in ("decode", "prefill") for kind, path in
+        (("softmax", "attention"), ("topk", "attention"), ("softmax", "backend"))}
+    for row in rows:
+        assert not [f for f in SPEC_FIELDS if f not in row], row
+        assert row["us"] > 0 and row["baseline_us"] > 0 and math.isfinite(row["overhead_us"])
+        assert row["speedup"] == pytest.approx(row["baseline_us"] / row["us"])
+        assert (row["n"], row["m"]) == ((1, 64) if row["mode"] == "decode" else (32, 32))
+    assert all(r["transformers_sdpa_us"] > 0 for r in rows if r["path"] == "backend")

@@ -8,7 +8,8 @@ context with ``use_cache=True`` (prefill; only the last position's logits are co
 supports ``logits_to_keep``), then ``new_tokens`` greedy steps of one token each through the cache (decode).
 Times are medians over the timed rounds, with the spread (max − min) and the min and max beside them. On CUDA
 they come from CUDA events with a synchronize; elsewhere from ``time.perf_counter`` (after a synchronize on
-devices that have one).
+devices that have one). Several attentions compared in one run (``arms=``: the model's own and its swaps) take
+their timed rounds in turn within each configuration, so that a shared machine's slow spells fall on all of them.
 
 The cache is the one ``generate`` would build: a ``StateCache`` (constant-size running state) on models swapped to
 ``linear`` or ``taylor``, else a ``DynamicCache``; ``cache_mb`` is what it holds at the end of decoding.
@@ -26,6 +27,7 @@ Peak memory (``peak_mem_mb``) covers the warm-up and timed rounds of the configu
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import inspect
 import math
@@ -51,7 +53,8 @@ _CUDA_METHOD = "cuda_max_memory_allocated_growth: peak allocated CUDA memory min
 def measure_latency(model, *, context_lengths: Iterable[int] = (512, 1024, 2048), batch_sizes: Iterable[int] = (1,),
                     new_tokens: int = 32, warmup: int = 1, repeats: int = 3, vocab_size: int | None = None,
                     progress: Callable[[int], object] | None = None,
-                    on_record: Callable[[dict], object] | None = None, seed: int = 0) -> list[dict]:
+                    on_record: Callable[[dict], object] | None = None, seed: int = 0,
+                    arms: dict[str, Callable[[], contextlib.AbstractContextManager]] | None = None):
     """One record per (batch size, context length), in that nesting order (batch outer). See the module doc.
 
     Record keys: ``context``, ``batch``, ``new_tokens``, ``prefill_ms`` (median), ``prefill_ms_spread``
@@ -64,6 +67,11 @@ def measure_latency(model, *, context_lengths: Iterable[int] = (512, 1024, 2048)
     ``vocab_size`` bounds the random ids (default: the model config's). ``progress(1)`` is called after each
     configuration (total ``len(batch_sizes) * len(context_lengths)``); ``on_record(record)`` as each record is
     done. ``new_tokens=0`` skips decode (its metrics are ``None``).
+
+    ``arms``: {label: () -> context manager} (the model's own attention and swaps, say) to compare in one run:
+    each configuration's timed rounds alternate between them (each arm's warm-up first), so that every arm sees
+    the same state of a shared machine; then the result is {label: records} and each record has ``attention``
+    (its label). Without ``arms``, the model is measured as it is and the result is the list of records.
     """
     context_lengths = [int(n) for n in context_lengths]
     batch_sizes = [int(b) for b in batch_sizes]
@@ -74,40 +82,36 @@ def measure_latency(model, *, context_lengths: Iterable[int] = (512, 1024, 2048)
     if new_tokens < 0 or warmup < 0 or repeats < 1:
         raise AttnSwapError(f"need new_tokens >= 0, warmup >= 0, repeats >= 1; got new_tokens={new_tokens}, "
                             f"warmup={warmup}, repeats={repeats}")
+    if arms is not None and not arms:
+        raise AttnSwapError("arms must name at least one arm to measure")
     vocab_size = vocab_size or _vocab_size(model)
     param = next(model.parameters())
     device, dtype = param.device, param.dtype
     extra = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
+    run_arms = arms if arms is not None else {None: contextlib.nullcontext}
 
-    records = []
+    records = {label: [] for label in run_arms}
     was_training = model.training
     model.eval()
     try:
         for batch in batch_sizes:
             for context in context_lengths:
-                record = {"context": context, "batch": batch, "new_tokens": new_tokens}
-                try:
-                    record.update(_measure_one(model, batch, context, new_tokens, warmup, repeats, vocab_size,
-                                               device, extra, seed))
-                except (KeyboardInterrupt, SystemExit):
-                    raise
-                except Exception as exc:  # noqa: BLE001 (one failing configuration must not end the run)
-                    message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-                    record.update({k: None for k in _METRIC_KEYS})
-                    record["peak_mem_method"] = _CUDA_METHOD if device.type == "cuda" else _RSS_METHOD
-                    record["error"] = f"{type(exc).__name__}: {message[:500]}"
-                if "error" in record:  # outside the handler, so the traceback's tensors can go
-                    _free(device)
-                record.update({"device": str(device), "dtype": str(dtype).removeprefix("torch."), "warmup": warmup,
-                               "repeats": repeats})
-                records.append(record)
-                if on_record is not None:
-                    on_record(record)
+                measured = _measure_config(model, run_arms, batch, context, new_tokens, warmup, repeats, vocab_size,
+                                           device, extra, seed)
+                for label, record in measured.items():
+                    record = {"context": context, "batch": batch, "new_tokens": new_tokens, **record}
+                    if label is not None:
+                        record = {"attention": label, **record}
+                    record.update({"device": str(device), "dtype": str(dtype).removeprefix("torch."),
+                                   "warmup": warmup, "repeats": repeats})
+                    records[label].append(record)
+                    if on_record is not None:
+                        on_record(record)
                 if progress is not None:
                     progress(1)
     finally:
         model.train(was_training)
-    return records
+    return records if arms is not None else records[None]
 
 
 _METRIC_KEYS = ("prefill_ms", "prefill_ms_spread", "prefill_ms_min", "prefill_ms_max", "decode_tok_s",
@@ -115,27 +119,54 @@ _METRIC_KEYS = ("prefill_ms", "prefill_ms_spread", "prefill_ms_min", "prefill_ms
                 "cache_mb")
 
 
-def _measure_one(model, batch, context, new_tokens, warmup, repeats, vocab_size, device, extra, seed) -> dict:
+def _measure_config(model, arms, batch, context, new_tokens, warmup, repeats, vocab_size, device, extra,
+                    seed) -> dict:
+    """{label: metrics or error} of one configuration, the arms' timed rounds interleaved."""
     generator = torch.Generator().manual_seed(seed * 1_000_003 + batch * 65_537 + context)
     ids = torch.randint(0, vocab_size, (batch, context), generator=generator).to(device)
     _free(device)
-    mem = _PeakMemory(device)
-    prefill_ms, decode_ms = [], []
+    times = {label: ([], [], [0]) for label in arms}  # prefill ms, decode ms, cache bytes
+    peaks, errors = {label: None for label in arms}, {}
     with torch.inference_mode():
-        for round_ in range(warmup + repeats):
-            p_ms, d_ms, cache_bytes = _one_round(model, ids, new_tokens, device, extra)
-            if round_ >= warmup:
-                prefill_ms.append(p_ms)
-                decode_ms.append(d_ms)
-    peak_mb = mem.growth_mb()
-    out = {**_summary("prefill_ms", prefill_ms), "peak_mem_mb": peak_mb, "peak_mem_method": mem.method,
-           "cache_mb": cache_bytes / 2**20}
-    if new_tokens:
-        tok_s = [batch * new_tokens / (ms / 1e3) if ms > 0 else math.inf for ms in decode_ms]
-        out.update(_summary("decode_tok_s", tok_s))
-        out["decode_ms_per_step"] = statistics.median(decode_ms) / new_tokens
-    else:
-        out.update({k: None for k in _METRIC_KEYS if k.startswith("decode")})
+        for round_ in range(-warmup, repeats):
+            for label, arm in arms.items():
+                if label in errors:
+                    continue
+                mem = _PeakMemory(device)
+                try:
+                    with arm():
+                        p_ms, d_ms, cache_bytes = _one_round(model, ids, new_tokens, device, extra)
+                except (KeyboardInterrupt, SystemExit):
+                    raise
+                except Exception as exc:  # noqa: BLE001 (one failing configuration must not end the run)
+                    message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+                    errors[label] = f"{type(exc).__name__}: {message[:500]}"
+                    continue
+                grown = mem.growth_mb()
+                peaks[label] = grown if peaks[label] is None or grown is None else max(peaks[label], grown)
+                if round_ >= 0:
+                    prefill_ms, decode_ms, cache = times[label]
+                    prefill_ms.append(p_ms)
+                    decode_ms.append(d_ms)
+                    cache[0] = cache_bytes
+    if errors:  # outside the handler, so the traceback's tensors can go
+        _free(device)
+    method = _CUDA_METHOD if device.type == "cuda" else _RSS_METHOD
+    out = {}
+    for label in arms:
+        if label in errors:
+            out[label] = {**{k: None for k in _METRIC_KEYS}, "peak_mem_method": method, "error": errors[label]}
+            continue
+        prefill_ms, decode_ms, (cache_bytes,) = times[label]
+        row = {**_summary("prefill_ms", prefill_ms), "peak_mem_mb": peaks[label], "peak_mem_method": method,
+               "cache_mb": cache_bytes / 2**20}
+        if new_tokens:
+            tok_s = [batch * new_tokens / (ms / 1e3) if ms > 0 else math.inf for ms in decode_ms]
+            row.update(_summary("decode_tok_s", tok_s))
+            row["decode_ms_per_step"] = statistics.median(decode_ms) / new_tokens
+        else:
+            row.update({k: None for k in _METRIC_KEYS if k.startswith("decode")})
+        out[label] = row
     return out
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 from pathlib import Path
 
 import torch
@@ -126,20 +127,23 @@ def run_entropy(model, ids, specs: list[AttnSpec], *, writer=None) -> dict:
 
 def run_latency(model, specs: list[AttnSpec], *, contexts, batch_sizes, new_tokens: int, repeats: int,
                 writer=None, show: bool = True) -> dict:
+    """The model's own attention and every spec, their timed rounds interleaved per configuration (see
+    ``measure_latency``'s ``arms``); fitted specs are fitted once, before the first round."""
     from .latency import measure_latency
 
-    out = {}
-    for spec in [AttnSpec(None)] + specs:
-        bar = progress_bar(len(contexts) * len(batch_sizes), f"latency {spec.label}", show)
-
-        def record(r, label=spec.label):
-            if writer is not None:
-                writer.add("latency", {"attention": label, **r})
-
+    everyone = [AttnSpec(None)] + specs
+    for spec in everyone:  # fit the calibrated/transferred specs now, so no round pays for it
         with applied(model, spec):
-            out[spec.label] = measure_latency(model, context_lengths=contexts, batch_sizes=batch_sizes,
-                                              new_tokens=new_tokens, repeats=repeats, on_record=record,
-                                              progress=bar.update if bar else None)
-        if bar:
-            bar.close()
+            pass
+    bar = progress_bar(len(contexts) * len(batch_sizes), f"latency ({len(everyone)} attentions interleaved)", show)
+
+    def record(r):
+        if writer is not None:
+            writer.add("latency", r)
+
+    out = measure_latency(model, context_lengths=contexts, batch_sizes=batch_sizes, new_tokens=new_tokens,
+                          repeats=repeats, on_record=record, progress=bar.update if bar else None,
+                          arms={spec.label: functools.partial(applied, model, spec) for spec in everyone})
+    if bar:
+        bar.close()
     return out

@@ -25,7 +25,6 @@ import triton
 import triton.language as tl
 
 from .entmax_threshold import OUTSIDE_BAND, load_kt, power_mode, powers, tau_kernel, z_tile
-from .softmax import flat_mask
 from .tiles import check_shapes, common_support, dot_f32, dot_prec, key_band, mask_view, query_band, scores, visible
 from .tuning import candidates, interpreting
 
@@ -418,7 +417,7 @@ def kernel(query, key, value, vis, *, scaling, softcap=None, sinks=None, dropout
     if "alpha" not in options:
         raise ValueError("the entmax kernel needs option alpha, a number in (1, 2]")
     out = entmax_attention(query, key, value, alpha=options["alpha"], scaling=scaling, causal=vis.causal,
-                           offset=vis.offset, window=vis.window, softcap=softcap, mask=flat_mask(vis), sinks=sinks)
+                           offset=vis.offset, window=vis.window, softcap=softcap, mask=vis.flat_mask(), sinks=sinks)
     return out, None
 
 

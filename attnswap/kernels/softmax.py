@@ -13,19 +13,6 @@ from .flash_fwd import flash_forward
 from .tiles import common_support
 
 
-def flat_mask(vis) -> torch.Tensor | None:
-    """``vis.mask`` (b|1, Hkv|1, G|1, n|1, m) bool -> (b|1, Hq|1, n|1, m) bool (a view when it can be)."""
-    mask = vis.mask
-    if mask is None:
-        return None
-    if mask.dim() == 4:
-        return mask
-    mb, mkv, mg, mn, mm = mask.shape
-    if mkv == 1 and mg == 1:
-        return mask[:, :, 0]
-    return mask.reshape(mb, mkv * mg, mn, mm)
-
-
 class _FlashSoftmax(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, sinks, mask, vis, scaling, softcap):
@@ -70,7 +57,7 @@ def kernel(query, key, value, vis, *, scaling, softcap=None, sinks=None, dropout
     """Registry kernel of ``softmax``: ``(out (b,Hq,n,d) in query.dtype, None)``."""
     if dropout or need_weights or vis.has_bias:
         raise ValueError("the softmax kernel takes no dropout, weights or float bias (see supports())")
-    out = _FlashSoftmax.apply(query, key, value, sinks, flat_mask(vis), vis, float(scaling),
+    out = _FlashSoftmax.apply(query, key, value, sinks, vis.flat_mask(), vis, float(scaling),
                               None if softcap is None else float(softcap))
     return out, None
 

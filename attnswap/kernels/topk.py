@@ -32,7 +32,6 @@ import triton.language as tl
 
 from .flash_bwd import flash_backward
 from .flash_fwd import flash_forward
-from .softmax import flat_mask
 from .tiles import check_shapes, common_support, dot_f32, dot_prec, key_band, mask_strides, scores, visible
 from .tuning import configs, interpreting, pruner
 
@@ -292,7 +291,7 @@ def kernel(query, key, value, vis, *, scaling, softcap=None, sinks=None, dropout
         raise ValueError("the topk kernel takes no dropout, weights or float bias (see supports())")
     out = topk_attention(query, key, value, k_top=int(options.get("k", 64)), scaling=float(scaling),
                          causal=vis.causal, offset=vis.offset, window=vis.window, softcap=softcap,
-                         mask=flat_mask(vis), sinks=sinks)
+                         mask=vis.flat_mask(), sinks=sinks)
     return out, None
 
 

@@ -2,7 +2,8 @@
 
 tau is found by Newton's method from the left: f(tau) = sum_j [(alpha-1)s_j - tau]_+^(1/(alpha-1)) - 1 is
 convex and decreasing for alpha in (1, 2], so Newton steps started where f >= 0 (tau = max - 1) rise
-monotonically to the root and never overshoot. The backward pass uses the support only:
+monotonically to the root and never overshoot; on long rows it is solved first on the largest scores alone
+(``entmax_weights``). The backward pass uses the support only:
 grad_s = g * (grad_p - sum(g grad_p) / sum(g)), g = p^(2-alpha) on the support.
 """
 
@@ -12,38 +13,78 @@ import torch
 
 from .. import registry
 from .chunked import scored_attention
+from .select import top_values
 
 MAX_ITER = 100
+SUPPORT_GUESS = 64  # the threshold is first solved on each row's largest scores: a support this size or smaller
+
+
+def _newton(x: torch.Tensor, t: torch.Tensor, e: float, target: float, empty: torch.Tensor) -> torch.Tensor:
+    """Newton steps on f(t) = sum_j [x_j - t]_+^e - target from a t with f(t) >= 0 (or just right of the root)
+    until the steps stop moving it (fp32); rows in ``empty`` stay."""
+    for _ in range(MAX_ITER):
+        u = (x - t).clamp_min(0)
+        if e == 1.0:
+            f, df = u.sum(-1, keepdim=True) - target, (u > 0).sum(-1, keepdim=True).to(u.dtype)
+        elif e == 2.0:
+            f, df = (u * u).sum(-1, keepdim=True) - target, 2.0 * u.sum(-1, keepdim=True)
+        else:
+            ue1 = u.pow(e - 1.0)
+            f, df = (ue1 * u).sum(-1, keepdim=True) - target, e * ue1.sum(-1, keepdim=True)
+        step = torch.where(empty, 0.0, f / df.clamp_min(1e-30))
+        t = t + step
+        if float(step.abs().max()) <= 1e-7 * max(1.0, float(t.abs().max())):
+            break
+    return t
+
+
+def _sorted_root(z: torch.Tensor, e: float, target: float) -> torch.Tensor:
+    """The root of sum_j [z_j - t]_+^e = target for e = 1 (sparsemax) or e = 2 (1.5-entmax), from values sorted in
+    decreasing order, the first one 0 (the row's max subtracted, so that the support's values are small): for each
+    prefix of j values the t that makes it sum to ``target``; the support is the prefixes whose t lies below their
+    last value (Martins & Astudillo 2016; Peters et al. 2019). A start for Newton's polish (its rounding aside, it
+    is the root)."""
+    j = torch.arange(1, z.shape[-1] + 1, device=z.device, dtype=z.dtype)
+    csum = z.cumsum(-1)
+    if e == 1.0:
+        ts = (csum - target) / j
+    else:
+        mean = csum / j
+        spread = (z * z).cumsum(-1) - j * mean * mean
+        ts = mean - ((target - spread) / j).clamp_min(0).sqrt()
+    size = ((ts <= z) & (z > float("-inf"))).sum(-1, keepdim=True).clamp_min(1)  # hidden keys are -inf
+    return ts.gather(-1, size - 1)
 
 
 @torch.no_grad()
 def entmax_weights(s: torch.Tensor, visible: torch.Tensor | None, alpha: float) -> torch.Tensor:
-    x = s * (alpha - 1.0)
-    if visible is not None:
-        x = x.masked_fill(~visible, float("-inf"))
-    xmax = x.amax(dim=-1, keepdim=True)
-    empty = torch.isinf(xmax)
-    xmax = torch.where(empty, torch.zeros_like(xmax), xmax)
+    """The entmax weights of score rows ``s`` (..., m) over ``visible`` (bool, broadcastable, or None).
+
+    Solved in score units: [(alpha-1)s - tau]_+^e = (alpha-1)^e [s - t]_+^e with t = tau / (alpha-1), and the
+    constant factor cancels in the normalization, so t is the root of sum_j [s_j - t]_+^e = (alpha-1)^-e.
+    t is first found on each row's ``SUPPORT_GUESS`` largest scores alone (a small problem: one selection pass,
+    see ``attnswap.kinds.select``). When that root lies at or above the smallest of them, every other score is
+    below it too, so it is the root of the whole row, exactly. Rows whose support is wider continue on the whole
+    row from there (a valid start: the partial sum never exceeds the full one, so f >= 0 there)."""
     e = 1.0 / (alpha - 1.0)
-    tau = xmax - 1.0
-    for _ in range(MAX_ITER):
-        u = (x - tau).clamp_min(0)
-        if e == 1.0:
-            f, df = u.sum(-1, keepdim=True) - 1.0, (u > 0).sum(-1, keepdim=True).to(u.dtype)
-        elif e == 2.0:
-            f, df = (u * u).sum(-1, keepdim=True) - 1.0, 2.0 * u.sum(-1, keepdim=True)
-        else:
-            ue1 = u.pow(e - 1.0)
-            f, df = (ue1 * u).sum(-1, keepdim=True) - 1.0, e * ue1.sum(-1, keepdim=True)
-        step = f / df.clamp_min(1e-30)
-        step = torch.where(empty, torch.zeros_like(step), step)
-        tau = tau + step
-        if float(step.abs().max()) <= 1e-7 * max(1.0, float(tau.abs().max())):
-            break
-    p = (x - tau).clamp_min(0)
-    p = p if e == 1.0 else (p * p if e == 2.0 else p.pow(e))
+    target = (alpha - 1.0) ** -e
+    x = s if visible is None else s.masked_fill(~visible, float("-inf"))
+    guess = min(SUPPORT_GUESS, x.shape[-1])
+    closed_form = e in (1.0, 2.0)
+    top = top_values(x, guess, sorted=closed_form) if guess < x.shape[-1] else x
+    xmax = top.amax(dim=-1, keepdim=True)
+    empty = torch.isinf(xmax)
+    t = torch.where(empty, 0.0, xmax - target ** (1.0 / e))  # no weight exceeds 1: the root is at or above this
+    if closed_form and top is not x:  # sparsemax and 1.5-entmax: the sorted formula gives the root at once
+        start = _sorted_root(top - xmax, e, target) + xmax
+        t = torch.where(empty | ~(start < xmax), t, start)  # the root is below the max
+    t = _newton(top, t, e, target, empty)
+    if top is not x and not bool((top.amin(dim=-1, keepdim=True) <= t).all()):
+        t = _newton(x, t, e, target, empty)
+    p = (x - t).clamp_min_(0)
+    p = p if e == 1.0 else (p.square_() if e == 2.0 else p.pow_(e))
     den = p.sum(-1, keepdim=True)
-    return p / torch.where(den == 0, torch.ones_like(den), den)
+    return p.div_(torch.where(den == 0, torch.ones_like(den), den))
 
 
 class _Entmax(torch.autograd.Function):
@@ -64,6 +105,8 @@ class _Entmax(torch.autograd.Function):
 
 
 def normalize(s: torch.Tensor, visible: torch.Tensor | None, alpha: float) -> torch.Tensor:
+    if visible is not None and not s.requires_grad:  # the engine's own block: hide in place (-inf: no weight)
+        s, visible = s.masked_fill_(~visible, float("-inf")), None
     return _Entmax.apply(s, visible, alpha)
 
 

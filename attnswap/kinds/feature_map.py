@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 
 from ..errors import AttnSwapError
-from .chunked import group_heads, ungroup_heads
+from .chunked import group_heads, grouped_matmul, ungroup_heads
 from .visibility import Visibility
 
 CHUNK = 128
@@ -74,7 +74,7 @@ def linear_time_attention(
             lo, hi = a, bnd
         fq = feature_map(qg[..., q0:q1, :].float())  # (b,Hkv,G,c,F)
         if use_state:
-            num = torch.matmul(fq, state)
+            num = grouped_matmul(fq, state)
             den = (fq * norm.unsqueeze(-2)).sum(-1)
         else:
             num = fq.new_zeros((*fq.shape[:-1], dv))
@@ -86,11 +86,11 @@ def linear_time_attention(
             if e1 <= e0:
                 continue
             fk = key_features(e0, e1)
-            a_ij = torch.matmul(fq, fk.transpose(-1, -2))  # (b,Hkv,G,c,e)
+            a_ij = grouped_matmul(fq, fk.transpose(-1, -2))  # (b,Hkv,G,c,e)
             ok = vis.structural_block(q0, q1, e0, e1, query.device)
             if ok is not None:
                 a_ij = a_ij * ok
-            num = num + torch.matmul(a_ij, vg[..., e0:e1, :].float())
+            num = num + grouped_matmul(a_ij, vg[..., e0:e1, :].float())
             den = den + a_ij.sum(-1)
         if extra_den is not None:
             den = den + extra_den.float().reshape(1, hkv, -1, 1)

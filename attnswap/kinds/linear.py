@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from .. import registry
 from ..errors import AttnSwapError
-from .chunked import scored_attention
+from .chunked import grouped_matmul, scored_attention
 from .feature_map import FORMS, linear_time_attention, use_linear_time
 
 MIN_KEYS_LINEAR_TIME = 256  # measured on CPU: the linear-time form is faster from n = m = 256 (ELU+1 and Hedgehog)
@@ -33,7 +33,7 @@ FEATURE_MAPS = {"elu": elu_plus_one, "hedgehog": hedgehog}
 
 def pair_features(phi):
     """(qb, kb) -> phi(qb).phi(kb)^T: the pair weights of a feature map, in place of scores."""
-    return lambda qb, kb: torch.matmul(phi(qb), phi(kb).transpose(-1, -2))
+    return lambda qb, kb: grouped_matmul(phi(qb), phi(kb).transpose(-1, -2))
 
 
 FEATURE_MAP_OPTION = registry.Option("feature_map", str, "elu", doc="elu (ELU+1) | hedgehog ([softmax(x), "

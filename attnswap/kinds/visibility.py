@@ -46,6 +46,20 @@ class Visibility:
         """The mask carries additive score biases (e.g. ALiBi), not just visibility."""
         return self.mask is not None and self.mask.dtype != torch.bool
 
+    def flat_mask(self) -> torch.Tensor | None:
+        """The mask as ``(b|1, Hq|1, n|1, m)`` (a view when it can be), the layout SDPA and the kernels take."""
+        mask = self.mask
+        if mask is None or mask.dim() == 4:
+            return mask
+        mb, mkv, mg, mn, mm = mask.shape
+        if mkv == 1 and mg == 1:
+            return mask[:, :, 0]
+        return mask.reshape(mb, mkv * mg, mn, mm)
+
+    def most_visible(self) -> int:
+        """An upper bound on the keys any query sees, from causal/window alone."""
+        return self.m if self.window is None else min(self.m, self.window)
+
     def key_valid(self) -> torch.Tensor | None:
         """(b|1, Hkv|1, G|1, 1, m) bool key-padding mask when ``is_structured``."""
         return self.mask

@@ -25,7 +25,7 @@ import torch
 
 from .. import registry
 from ..errors import AttnSwapError
-from .chunked import group_heads, scored_attention, ungroup_heads
+from .chunked import group_heads, grouped_matmul, scored_attention, ungroup_heads
 from .feature_map import CHUNK, FORMS, linear_time_attention, use_linear_time
 from .linear import FEATURE_MAPS
 from .visibility import Visibility
@@ -100,7 +100,7 @@ def _exact_part(qg, kg, vg, counts, *, window, sink_tokens, scaling, softcap, si
             nums.append(qb.new_zeros((*qb.shape[:-1], vg.shape[-1])))
             dens.append(qb.new_zeros(qb.shape[:-1]))
             continue
-        s = torch.matmul(qb, kg[..., keys, :].float().transpose(-1, -2)) * scaling
+        s = grouped_matmul(qb, kg[..., keys, :].float().transpose(-1, -2)) * scaling
         if softcap is not None:
             s = torch.tanh(s / softcap) * softcap
         j, cc = keys[None, :], c[:, None].to(qg.device)
@@ -113,7 +113,7 @@ def _exact_part(qg, kg, vg, counts, *, window, sink_tokens, scaling, softcap, si
         w = torch.exp(s - top)
         if sink_logit is not None:
             w, w_sink = w[..., :-1], w[..., -1]
-        nums.append(torch.matmul(w, vg[..., keys, :].float()))
+        nums.append(grouped_matmul(w, vg[..., keys, :].float()))
         dens.append(w.sum(-1) + (w_sink if sink_logit is not None else 0.0))
     return torch.cat(nums, dim=3), torch.cat(dens, dim=3)
 
@@ -142,11 +142,11 @@ def cached_step(query, rows, real, state, norm, *, causal, window, sink_tokens, 
         fk = phi(kg.float() if projection is None else projection.apply(kg))  # (1,Hkv,1,L,F)
         j = torch.arange(k.shape[2], device=k.device)
         older = (j[None, :] >= sink_tokens) & (j[None, :] < counts.to(k.device)[:, None] - window)  # (q, L)
-        a = torch.matmul(fq, fk.transpose(-1, -2)) * older
-        num = num + torch.matmul(a, vg.float())
+        a = grouped_matmul(fq, fk.transpose(-1, -2)) * older
+        num = num + grouped_matmul(a, vg.float())
         den = den + a.sum(-1)
         if state is not None:
-            num = num + torch.matmul(fq, state[r:r + 1, :, None])
+            num = num + grouped_matmul(fq, state[r:r + 1, :, None])
             den = den + (fq * norm[r:r + 1, :, None, None, :]).sum(-1)
         den = den + eps
         outs.append(ungroup_heads(num / torch.where(den == 0, torch.ones_like(den), den).unsqueeze(-1)))
@@ -231,7 +231,7 @@ def forward(query, key, value, vis, *, local_window, sink_tokens, feature_map, e
         if feature_proj is not None:
             qb, kb = feature_proj.apply(qb, heads), feature_proj.apply(kb, heads)
         fq, fk = phi(qb), phi(kb)
-        return torch.matmul(fq, fk.transpose(-1, -2))
+        return grouped_matmul(fq, fk.transpose(-1, -2))
 
     normalize = make_normalize(local_window, sink_tokens, eps, sink_column=sinks is not None)
     return scored_attention(query, key, value, vis, normalize=normalize, options={}, scaling=scaling, softcap=softcap,

@@ -29,19 +29,22 @@ def spec_of(module, kind_name: str | None):
     return Spec(kind=kind, options=options, native=None, impl="auto")
 
 
+try:  # transformers' output capture (``output_attentions`` through the model's hooks)
+    from transformers.utils.output_capturing import _active_collector
+except ImportError:  # older transformers
+    _active_collector = None
+
+
 def wants_weights(module, kwargs) -> bool:
-    """Whether the caller asked for attention weights: the kwarg, the config, or transformers' output capture."""
+    """Whether the caller asked for attention weights: the kwarg, the config, or transformers' output capture.
+    (The config's flags are read from its ``__dict__``: transformers' attribute hooks cost ~10 µs a call.)"""
     if kwargs.get("output_attentions"):
         return True
     config = getattr(module, "config", None)
-    if getattr(config, "_output_attentions", False) or getattr(config, "output_attentions", False):
+    flags = object.__getattribute__(config, "__dict__") if config is not None else {}
+    if flags.get("_output_attentions") or flags.get("output_attentions"):
         return True
-    try:
-        from transformers.utils.output_capturing import _active_collector
-
-        collecting = _active_collector.get()
-    except (ImportError, LookupError):
-        return False
+    collecting = _active_collector.get() if _active_collector is not None else None
     return isinstance(collecting, dict) and "attentions" in collecting
 
 
@@ -51,18 +54,20 @@ def make_attention_function(kind_name: str):
         is_causal = kwargs.get("is_causal")
         if is_causal is None:
             is_causal = getattr(module, "is_causal", True)
-        common = dict(scaling=query.shape[-1] ** -0.5 if scaling is None else scaling, softcap=kwargs.get("softcap"),
-                      sinks=kwargs.get("s_aux"), need_weights=wants_weights(module, kwargs))
+        scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+        softcap, sinks, need_weights = kwargs.get("softcap"), kwargs.get("s_aux"), wants_weights(module, kwargs)
         layer = claim(key)  # a StateCache layer that keeps a running state instead of K/V
         if layer is not None:
+            common = dict(scaling=scaling, softcap=softcap, sinks=sinks, need_weights=need_weights)
             out = state_attention(
                 layer, spec, query, key, value, attention_mask, is_causal=is_causal, **common,
                 run_attention=lambda vis: run(spec.kind, spec.options, query, key, value, vis, **common,
                                               dropout=dropout or 0.0, impl=spec.impl, module=module)[0])
             return out.to(query.dtype).transpose(1, 2).contiguous(), None
         vis = model_visibility(attention_mask, query, key, is_causal=is_causal, native=spec.native)
-        out, weights = run(spec.kind, spec.options, query, key, value, vis, **common, dropout=dropout or 0.0,
-                           impl=spec.impl, module=module)
+        out, weights = run(spec.kind, spec.options, query, key, value, vis, scaling=scaling, softcap=softcap,
+                           sinks=sinks, need_weights=need_weights, dropout=dropout or 0.0, impl=spec.impl,
+                           module=module)
         return out.transpose(1, 2).contiguous(), weights
 
     attnswap_attention_forward.__name__ = f"attnswap_{kind_name}_attention_forward"

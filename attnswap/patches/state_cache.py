@@ -25,6 +25,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache, Dynam
 
 from ..dispatch import prepare_qk, project
 from ..errors import AttnSwapError
+from ..kinds.chunked import grouped_matmul
 from ..registry import FEATURE_PROJ
 from .masks import model_visibility
 
@@ -391,12 +392,12 @@ def _with_state(layer, phi, eps, sink_weight, sinks, query, key, value, new_mask
     for q0 in range(0, q, QUERY_CHUNK):
         q1 = min(q, q0 + QUERY_CHUNK)
         fq = phi(qg[..., q0:q1, :])  # (b, Hkv, G, c, F)
-        num = torch.matmul(fq, layer.state[:, :, None]) if layer.state is not None else 0.0
+        num = grouped_matmul(fq, layer.state[:, :, None]) if layer.state is not None else 0.0
         den = (fq * layer.norm[:, :, None, None, :]).sum(-1) if layer.state is not None else 0.0
-        a = torch.matmul(fq, fk[:, :, None].transpose(-1, -2))  # (b, Hkv, G, c, q)
+        a = grouped_matmul(fq, fk[:, :, None].transpose(-1, -2))  # (b, Hkv, G, c, q)
         if grouped is not None:
             a = a * grouped[..., q0:q1, :] if grouped.shape[-2] > 1 else a * grouped
-        num = num + torch.matmul(a, vf[:, :, None])
+        num = num + grouped_matmul(a, vf[:, :, None])
         den = den + a.sum(-1)
         if sink_weight is not None and sinks is not None:
             den = den + sink_weight(sinks.float()).reshape(1, hkv, groups, 1)

@@ -73,12 +73,26 @@ def masked_fill_min(s: torch.Tensor, visible: torch.Tensor | None) -> torch.Tens
     return s.masked_fill(~visible, torch.finfo(s.dtype).min)
 
 
-def fill_hidden_(s: torch.Tensor, visible: torch.Tensor | None) -> torch.Tensor:
-    """``masked_fill_min`` in place when nothing differentiates through ``s``: a ``normalize`` may overwrite the
-    score block the engine hands it (it is the engine's own and is not read again)."""
-    if visible is None or s.requires_grad:
-        return masked_fill_min(s, visible)
-    return s.masked_fill_(~visible, torch.finfo(s.dtype).min)
+def fill_hidden_(s: torch.Tensor, visible: torch.Tensor | None, value: float | None = None) -> torch.Tensor:
+    """``masked_fill_min`` (or fill with ``value``) in place when nothing differentiates through ``s``: a ``normalize``
+    may overwrite the score block the engine hands it (it is the engine's own and is not read again).
+
+    A mask shared by the heads (causal, window, padding: a few times smaller than ``s``) is first reduced to the span
+    of key columns where some query cannot see: only that span is filled (the diagonal band of a causal block)."""
+    fill = torch.finfo(s.dtype).min if value is None else value
+    if visible is None:
+        return s
+    if s.requires_grad:
+        return s.masked_fill(~visible, fill)
+    hidden = ~visible
+    if hidden.dim() >= 2 and hidden.shape[-1] == s.shape[-1] and 4 * hidden.numel() <= s.numel():
+        cols = hidden.reshape(-1, hidden.shape[-1]).any(0).nonzero()
+        if cols.numel() == 0:
+            return s
+        lo, hi = int(cols[0]), int(cols[-1]) + 1
+        s[..., lo:hi].masked_fill_(hidden[..., lo:hi], fill)
+        return s
+    return s.masked_fill_(hidden, fill)
 
 
 def plan(b: int, hkv: int, groups: int, n: int, m: int, budget: int | None = None):

@@ -23,7 +23,10 @@ def softmax_of_filled(filled: torch.Tensor, visible: torch.Tensor) -> torch.Tens
     those come out as exact zeros, but for rows with nothing ``visible`` (bool, broadcastable), set to 0 here.
     (Written out, ``exp`` of such very negative shifted scores takes a CPU's slow path: ~70x a normal ``exp``.)"""
     p = torch.softmax(filled, dim=-1)
-    rows = visible.any(dim=-1, keepdim=True).to(p.dtype)  # as small as the mask's broadcast shape
+    rows = visible.any(dim=-1, keepdim=True)  # as small as the mask's broadcast shape
+    if p.device.type == "cpu" and bool(rows.all()):  # (no host sync on an accelerator)
+        return p
+    rows = rows.to(p.dtype)
     return p.mul_(rows) if not p.requires_grad else p * rows
 
 

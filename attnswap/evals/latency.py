@@ -69,9 +69,10 @@ def measure_latency(model, *, context_lengths: Iterable[int] = (512, 1024, 2048)
     done. ``new_tokens=0`` skips decode (its metrics are ``None``).
 
     ``arms``: {label: () -> context manager} (the model's own attention and swaps, say) to compare in one run:
-    each configuration's timed rounds alternate between them (each arm's warm-up first), so that every arm sees
-    the same state of a shared machine; then the result is {label: records} and each record has ``attention``
-    (its label). Without ``arms``, the model is measured as it is and the result is the list of records.
+    each configuration's timed rounds alternate between them (each arm's warm-up first; round r starts with arm
+    r mod the number of arms, so no arm always follows the same one), so that every arm sees the same state of a
+    shared machine; then the result is {label: records} and each record has ``attention`` (its label). Without
+    ``arms``, the model is measured as it is and the result is the list of records.
     """
     context_lengths = [int(n) for n in context_lengths]
     batch_sizes = [int(b) for b in batch_sizes]
@@ -127,9 +128,11 @@ def _measure_config(model, arms, batch, context, new_tokens, warmup, repeats, vo
     _free(device)
     times = {label: ([], [], [0]) for label in arms}  # prefill ms, decode ms, cache bytes
     peaks, errors = {label: None for label in arms}, {}
+    order = list(arms.items())
     with torch.inference_mode():
         for round_ in range(-warmup, repeats):
-            for label, arm in arms.items():
+            turn = round_ % len(order) if round_ >= 0 else 0  # each timed round starts with the next arm
+            for label, arm in order[turn:] + order[:turn]:
                 if label in errors:
                     continue
                 mem = _PeakMemory(device)

@@ -36,7 +36,7 @@ def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kind:
         raise AttnSwapError(f"softcap must be a number > 0 or None, got {softcap!r}")
     if scaling is not None and (not isinstance(scaling, numbers.Real) or isinstance(scaling, bool)):
         raise AttnSwapError(f"scaling must be a number or None (default head_dim**-0.5), got {scaling!r}")
-    if not (isinstance(dropout, numbers.Real) and 0.0 <= dropout < 1.0):
+    if dropout != 0.0 and not (isinstance(dropout, numbers.Real) and 0.0 <= dropout < 1.0):
         raise AttnSwapError(f"dropout must be a number in [0, 1), got {dropout!r}")
     if impl not in IMPLS:
         raise AttnSwapError(f"impl must be one of {list(IMPLS)}, got {impl!r}")

@@ -1,5 +1,5 @@
-"""One entry for every caller (the functional API, the transformers adapter, the class patches): pick the
-kernel or the reference for a kind, and return the output in the input's dtype."""
+"""One entry for every caller (the functional API, the transformers adapter, the class patches): pick the path for a
+call (torch's SDPA, a Triton kernel or the PyTorch reference), and return the output in the input's dtype."""
 
 from __future__ import annotations
 
@@ -30,6 +30,9 @@ def run(kind: Kind, options: dict, query, key, value, vis: Visibility, *, scalin
         sinks=None, dropout: float = 0.0, need_weights: bool = False, impl: str = "auto", module=None):
     """Attention of ``kind``: returns ``(out (b,Hq,n,dv) in query.dtype, weights (b,Hq,n,m) | None)``.
 
+    The path: (1) torch's fused SDPA, one call, when the kind is plain softmax on this call and SDPA expresses it as
+    given (``sdpa_attention``) and is the faster path here (``prefer_sdpa``); else (2) the kind's Triton kernel on
+    CUDA (``impl="auto"``) or anywhere (``"triton"``), where it supports the call; else (3) the PyTorch reference.
     ``module``: the model's attention module making the call, for an active ``attnswap.observe`` observer.
     """
     if impl not in IMPLS:
@@ -45,21 +48,23 @@ def run(kind: Kind, options: dict, query, key, value, vis: Visibility, *, scalin
     tap = current_tap()
     if tap is not None:
         tap(module, query, key, value, vis, scaling=scaling, softcap=softcap, sinks=sinks)
-    kw = dict(scaling=scaling, softcap=softcap, sinks=sinks, dropout=dropout, need_weights=need_weights)
     observer = current_observer()
-    if observer is not None:
-        n, m = query.shape[2], key.shape[2]
-        kw["observe"] = functools.partial(observer.block, module, n=n, m=m)
-        if impl == "triton":
-            raise AttnSwapError("impl='triton' cannot be observed block by block; use impl='auto' or 'torch'")
-        impl = "torch"
     base = registry.get(kind.alias_of) if kind.alias_of else kind  # aliases share their base's kernel
+    # 1. plain softmax attention that torch's fused SDPA computes as given, where it is the faster path
     if (impl != "triton" and softcap is None and sinks is None and not need_weights and observer is None
             and base.reduces_to_softmax is not None and base.reduces_to_softmax(options, vis)
             and sdpa_is_faster(query, key, vis, impl)):
         out = sdpa_attention(query, key, value, vis, scaling=scaling, dropout=dropout)
         if out is not None:
             return out, None
+    kw = dict(scaling=scaling, softcap=softcap, sinks=sinks, dropout=dropout, need_weights=need_weights)
+    if observer is not None:
+        n, m = query.shape[2], key.shape[2]
+        kw["observe"] = functools.partial(observer.block, module, n=n, m=m)
+        if impl == "triton":
+            raise AttnSwapError("impl='triton' cannot be observed block by block; use impl='auto' or 'torch'")
+        impl = "torch"
+    # 2. the kind's Triton kernel, 3. its PyTorch reference
     # "auto" takes a kernel for CUDA tensors only; "triton" also runs it on CPU tensors under TRITON_INTERPRET=1
     if impl == "triton" or (impl == "auto" and base.kernel is not None and query.is_cuda):
         supported, why = _kernel_supports(base, query, key, value, vis, {**kw, **options})
@@ -96,6 +101,8 @@ CUDA_SDPA_MAX_PAIRS = 1 << 28
 
 def sdpa_is_faster(query, key, vis, impl: str) -> bool:
     """Whether torch's fused SDPA is the path to take for plain softmax attention on these inputs (``prefer_sdpa``)."""
+    if query.is_cpu:
+        return True
     b, hq, n, d = query.shape
     return prefer_sdpa(device_type=query.device.type, dtype=query.dtype, pairs=b * hq * n * key.shape[2], head_dim=d,
                        masked=vis.mask is not None, impl=impl)

@@ -1,7 +1,7 @@
 """What attnswap's dispatch costs on top of the path it dispatches to, per call (CPU, and CUDA when present).
 
-Each pair is timed in one run, in alternating rounds (microseconds per call; the overhead is the median over rounds
-of the per-round difference):
+Each pair is timed in one run, in alternating rounds (microseconds per call, the fastest round of each; the overhead
+is their difference):
 - ``attention``: ``attnswap.attention(q, k, v, "softmax", causal=True)`` against the torch call it makes
   (``F.scaled_dot_product_attention`` with the same arguments: the GQA group's queries as one KV head's rows for a
   decode call, ``is_causal`` and ``enable_gqa`` for a prefill), and the same for ``topk`` with k >= the keys (plain
@@ -11,13 +11,12 @@ of the per-round difference):
   beside it (``transformers_sdpa_us``).
 Shapes: decode (one query against ``--kv`` keys) and prefill (``--prefill`` queries and keys, causal).
 
-    python benchmarks/dispatch_overhead.py [--device cpu|cuda] [--kv 1024,4096] [--prefill 512,2048] [--calls 300]
+    python benchmarks/dispatch_overhead.py [--device cpu|cuda] [--kv 64,1024,4096] [--prefill 512,2048] [--calls 300]
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 
 import torch
@@ -32,7 +31,7 @@ BENCH = "dispatch_overhead"
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--kv", default="1024,4096", help="key lengths of the decode calls")
+    ap.add_argument("--kv", default="64,1024,4096", help="key lengths of the decode calls")
     ap.add_argument("--prefill", default="512,2048", help="lengths of the prefill calls")
     ap.add_argument("--heads", type=int, default=9)
     ap.add_argument("--kv-heads", type=int, default=3)
@@ -45,9 +44,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
-def time_pair(ours, theirs, device: str, calls: int, rounds: int = 15) -> tuple[float, float, float]:
-    """Microseconds per call of ``ours`` and ``theirs`` (medians over rounds of ``calls`` calls, the two alternating),
-    and the median over rounds of their difference (steadier than the difference of the medians on a shared CPU)."""
+def time_pair(ours, theirs, device: str, calls: int, rounds: int = 21) -> tuple[float, float, float]:
+    """Microseconds per call of ``ours`` and ``theirs``, each the fastest of ``rounds`` rounds of ``calls`` calls, the
+    two alternating (on a shared machine noise only ever adds time: the minimum is the steadiest estimate of a cost),
+    and their difference."""
     cuda = device.startswith("cuda")
 
     def sync():
@@ -67,11 +67,9 @@ def time_pair(ours, theirs, device: str, calls: int, rounds: int = 15) -> tuple[
             fn()
     a, b = [], []
     for i in range(rounds):
-        first, second = (ours, theirs) if i % 2 == 0 else (theirs, ours)
-        x, y = per_call(first), per_call(second)
-        a.append(x if i % 2 == 0 else y)
-        b.append(y if i % 2 == 0 else x)
-    return statistics.median(a), statistics.median(b), statistics.median(x - y for x, y in zip(a, b))
+        for fn, times in ((ours, a), (theirs, b)) if i % 2 == 0 else ((theirs, b), (ours, a)):
+            times.append(per_call(fn))
+    return min(a), min(b), min(a) - min(b)
 
 
 def tiny_layer(heads: int, kv_heads: int, head_dim: int, device: str, dtype):

@@ -77,15 +77,16 @@ def fill_hidden_(s: torch.Tensor, visible: torch.Tensor | None, value: float | N
     """``masked_fill_min`` (or fill with ``value``) in place when nothing differentiates through ``s``: a ``normalize``
     may overwrite the score block the engine hands it (it is the engine's own and is not read again).
 
-    A mask shared by the heads (causal, window, padding: a few times smaller than ``s``) is first reduced to the span
-    of key columns where some query cannot see: only that span is filled (the diagonal band of a causal block)."""
+    On a CPU, a mask shared by the heads (causal, window, padding: a few times smaller than ``s``) is first reduced to
+    the span of key columns where some query cannot see: only that span is filled (the diagonal band of a causal
+    block). (Reading the span is a host sync: not on an accelerator.)"""
     fill = torch.finfo(s.dtype).min if value is None else value
     if visible is None:
         return s
     if s.requires_grad:
         return s.masked_fill(~visible, fill)
     hidden = ~visible
-    if hidden.dim() >= 2 and hidden.shape[-1] == s.shape[-1] and 4 * hidden.numel() <= s.numel():
+    if s.is_cpu and hidden.dim() >= 2 and hidden.shape[-1] == s.shape[-1] and 4 * hidden.numel() <= s.numel():
         cols = hidden.reshape(-1, hidden.shape[-1]).any(0).nonzero()
         if cols.numel() == 0:
             return s

@@ -230,8 +230,9 @@ def attempt(fn, device: str, args) -> dict:
         return {"ms": None, "peak_mem_mb": None, "error": error_text(err)}
 
 
-def sdpa_run(q, k, v, device: str):
-    """torch SDPA, causal (the flash backend on a GPU); K/V are expanded for GQA outside the timed call."""
+def sdpa_run(q, k, v, device: str, causal: bool = True):
+    """torch SDPA, causal unless told (the flash backend on a GPU); K/V are expanded for GQA outside the timed
+    call. ``causal=False`` for decode rows (one query after every key: SDPA's causal is aligned top-left)."""
     import torch.nn.functional as F
 
     groups = q.shape[1] // k.shape[1]
@@ -243,8 +244,8 @@ def sdpa_run(q, k, v, device: str):
             from torch.nn.attention import SDPBackend, sdpa_kernel
 
             with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-                return F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+                return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
 
     return run
 

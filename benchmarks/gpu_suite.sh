@@ -1,9 +1,14 @@
 #!/usr/bin/env bash
-# The GPU checks in one bounded run: the kernel tests, then the three attention benchmarks (results as JSON lines).
+# The GPU checks in one bounded run: the kernel tests, then the attention benchmarks (results as JSON lines).
 #   OUT=folder bash benchmarks/gpu_suite.sh     (default folder benchmarks/results/gpu-run)
+#   ONLY=sparse,sparse-real,sparse-decode bash benchmarks/gpu_suite.sh     (only the steps named)
 # Each step has its own time limit so one slow step cannot eat the others; logs go to $OUT/suite.log.
-# Needs pytest, hypothesis, pytest-xdist and pytest-timeout; the sparse baseline `entmax_pkg` needs the entmax package
-# (without it that baseline is left out).
+# Needs pytest, hypothesis, pytest-xdist and pytest-timeout. The anchors measured beside ours are the wheels in
+# benchmarks/wheels (AdaSplash, fla-core + einops, entmax), installed here with --no-deps (no network needed).
+# Real SmolLM2 q/k/v for `sparse-real`: write them on a machine with the model first (they travel as a file):
+#   python benchmarks/sparse_attention.py --device cpu --inputs smollm2 --lengths 8192 --layer L \
+#       --qkv-file benchmarks/results/smollm2-qkv.pt --modes fwd --kinds topk --baselines softmax --no-record
+#   (L = 2, 15, 28), then carry benchmarks/results/smollm2-qkv.pt (~47 MB).
 set -u
 OUT=${OUT:-benchmarks/results/gpu-run}
 mkdir -p "$OUT"
@@ -11,13 +16,16 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 LOG=$OUT/suite.log
 step() {  # step SECONDS NAME COMMAND...
     local limit=$1 name=$2; shift 2
+    if [ -n "${ONLY:-}" ] && [[ ",$ONLY," != *",$name,"* ]]; then return 0; fi
     echo "=== $name (limit ${limit}s) $(date -u +%T)" | tee -a "$LOG"
     timeout "$limit" "$@" >>"$LOG" 2>&1
     echo "=== $name: exit $? $(date -u +%T)" | tee -a "$LOG"
 }
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__,
 'transformers', transformers.__version__, torch.cuda.get_device_name(0))" 2>&1 | tee -a "$LOG"
+ls benchmarks/wheels/*.whl >/dev/null 2>&1 && python3 -m pip install -q --no-deps benchmarks/wheels/*.whl 2>&1 | tail -n 2
 baselines=softmax,sdpa
+python3 -c "import adasplash" 2>/dev/null && baselines=$baselines,adasplash
 python3 -c "import entmax" 2>/dev/null && baselines=$baselines,entmax_pkg
 # kernel tests: two autotune candidates per key (compiles, not tuning, dominate a test run)
 step "${KERNEL_TESTS_S:-200}" kernel-tests env ATTNSWAP_AUTOTUNE=0 python3 -m pytest tests/test_kernels_softmax_fwd.py \
@@ -33,6 +41,15 @@ step "${DISPATCH_S:-60}" dispatch-d128 python3 benchmarks/dispatch_overhead.py -
 step "${ATTENTION_S:-100}" attention python3 benchmarks/attention.py --quick --out "$OUT"
 step "${SPARSE_S:-120}" sparse python3 benchmarks/sparse_attention.py --lengths 1k,4k,16k,64k --baselines "$baselines" \
     --out "$OUT"
+# issue 15's GPU lines: real inputs at 4k and 8k (one early, middle and late layer), decode n = 1 against 32k keys
+# at batch 8 (H 16, d 128), and the swaps' prefill at 8k context
+QKV=${QKV:-benchmarks/results/smollm2-qkv.pt}
+for layer in 2 15 28; do
+    [ -f "$QKV" ] && step "${SPARSE_REAL_S:-60}" sparse-real python3 benchmarks/sparse_attention.py --inputs smollm2 \
+        --qkv-file "$QKV" --layer "$layer" --lengths 4k,8k --baselines "$baselines" --out "$OUT"
+done
+step "${SPARSE_DECODE_S:-60}" sparse-decode python3 benchmarks/sparse_attention.py --modes decode --lengths 32k \
+    --rows 4194304 --baselines softmax,sdpa --out "$OUT"
 step "${LINEAR_S:-90}" linear python3 benchmarks/linear_attention.py --lengths 1k,4k,16k,64k --decode-lengths 1k,16k \
     --out "$OUT"
 ls -la "$OUT"

@@ -6,11 +6,16 @@ torch SDPA and the ``entmax`` package, all measured in the same run.
 
 Causal attention, b * H * N = 32k * 16 query rows (H = 2048 // d), head dim 128 by default (bf16 on a GPU).
 Rows per (mode, N): ``softmax`` (our kernel: the baseline of every other row), ``sdpa`` (the flash backend on a
-GPU), each sparse kind through ``attnswap.attention(..., impl=--impl)``, and the ``entmax`` package on
-materialized causal-masked scores (``entmax_bisect``, ``entmax15``, ``sparsemax``; optional import; out of
-memory is recorded as ``error: "OOM"``). Sparsity per (kind, N): the fraction of zero weights among the visible
-ones and of skipped (all-zero) 64x64 blocks, from the kernel's ``return_stats=True`` when it has one, else from
-the PyTorch reference on the last ``--sparsity-rows`` queries of the first batch row.
+GPU), each sparse kind through ``attnswap.attention(..., impl=--impl)``, AdaSplash (``adasplash_v2`` for entmax 1.5,
+``adasplash_v1`` for other alphas and sparsemax: causal, N a power of two; its own wheel, ``pip install --no-deps
+benchmarks/wheels/adasplash-*.whl``; each AdaSplash row also gives its largest difference from our output, as its
+default ``niter`` stops before the exact threshold) and the ``entmax`` package on materialized causal-masked scores
+(``entmax_bisect``, ``entmax15``, ``sparsemax``; optional imports; out of memory is recorded as ``error: "OOM"``).
+Mode ``decode``: the last query of each row against all N keys (b * H rows of one query; AdaSplash and the package
+have no decode form). Sparsity per (kind, N): the fraction of zero weights among the visible
+ones and of skipped (all-zero) 64x64 blocks, and the threshold passes over the keys before the output pass, from the
+kernel's ``return_stats=True`` when it has one, else from the PyTorch reference on the last ``--sparsity-rows``
+queries of the first batch row.
 
 ``--inputs smollm2`` takes q, k, v of one layer of SmolLM2-135M on the default text (b = 1, Hq = 9, Hkv = 3,
 d = 64): random q, k give near-uniform scores and so unrepresentative sparsity. TFLOP/s use the dense causal
@@ -39,20 +44,25 @@ CAPTURE_KIND = "bench_capture"
 TABLE = [("mode", "mode"), ("kind", "kind"), ("impl", "impl"), ("n", "N"), ("ms", "ms", ".3f"),
          ("tflops", "TFLOP/s", ".3g"), ("speedup", "vs softmax", ".2f"), ("zero_weight_fraction", "zero w", ".3f"),
          ("skipped_block_fraction", "skip blk", ".3f"), ("kept_fraction", "kept", ".3f"),
+         ("threshold_passes", "passes", ".1f"), ("max_abs_diff_vs_ours", "diff", ".1e"),
          ("peak_mem_mb", "peak MiB", ".0f"), ("error", "error")]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     ap = bench_parser(__doc__.splitlines()[0], f"N values; default {GPU_LENGTHS} on GPU, {CPU_LENGTHS} on CPU")
-    ap.add_argument("--modes", default="fwd,fwd_bwd", help="fwd,fwd_bwd")
+    ap.add_argument("--modes", default="fwd,fwd_bwd", help="fwd,fwd_bwd,decode")
     ap.add_argument("--kinds", default="entmax,sparsemax,topk", help="entmax,sparsemax,topk")
     ap.add_argument("--alpha", type=float, default=1.5, help="entmax alpha")
     ap.add_argument("--topk", type=int, default=64, help="k of the topk kind")
     ap.add_argument("--head-dim", type=int, default=128)
     ap.add_argument("--rows", type=int, default=32768 * 16, help="b * H * N, held fixed across N (b >= 1)")
-    ap.add_argument("--baselines", default="softmax,sdpa,entmax_pkg", help="softmax,sdpa,entmax_pkg")
+    ap.add_argument("--baselines", default="softmax,sdpa,adasplash,entmax_pkg",
+                    help="softmax,sdpa,adasplash,entmax_pkg")
     ap.add_argument("--inputs", default="random", choices=("random", "smollm2"))
     ap.add_argument("--layer", type=int, default=15, help="the SmolLM2 layer whose q/k/v --inputs smollm2 takes")
+    ap.add_argument("--qkv-file", default=None,
+                    help="--inputs smollm2: read q/k/v from this .pt file when it exists, else capture and write "
+                         "them there (carries real inputs to a machine without the model)")
     ap.add_argument("--sparsity-rows", type=int, default=128, help="queries of the reference sparsity slice")
     ap.add_argument("--block", type=int, default=64, help="block size of the reference skipped-block fraction")
     ap.add_argument("--no-sparsity", action="store_true")
@@ -63,9 +73,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.head_dim = 32 if args.head_dim == 128 else args.head_dim
         args.sparsity_rows = min(args.sparsity_rows, 32)
         args.block = min(args.block, 16)
-    args.modes = choices("--modes", args.modes, ("fwd", "fwd_bwd"))
+    args.modes = choices("--modes", args.modes, ("fwd", "fwd_bwd", "decode"))
     args.kinds = choices("--kinds", args.kinds, ("entmax", "sparsemax", "topk"))
-    args.baselines = choices("--baselines", args.baselines, ("softmax", "sdpa", "entmax_pkg"))
+    args.baselines = choices("--baselines", args.baselines, ("softmax", "sdpa", "adasplash", "entmax_pkg"))
     return args
 
 
@@ -113,7 +123,22 @@ def capture_qkv(model, input_ids: torch.Tensor, layer: int):
 
 
 def smollm2_inputs(n_max: int, args, device: str):
-    """q/k/v of layer ``args.layer`` of SmolLM2-135M on the default text (tiled when shorter than ``n_max``)."""
+    """q/k/v of layer ``args.layer`` of SmolLM2-135M on the default text (tiled when shorter than ``n_max``), or
+    from ``args.qkv_file`` when it holds them (written there after a capture)."""
+    path = Path(args.qkv_file) if args.qkv_file else None
+    key = f"layer{args.layer}-n{n_max}"
+    saved = torch.load(path) if path is not None and path.exists() else {}
+    if key in saved:
+        return tuple(t.to(device, args.dtype) for t in saved[key])
+    q, k, v = _capture_smollm2(n_max, args, device)
+    if path is not None:
+        saved[key] = tuple(t.detach().to("cpu", torch.bfloat16) for t in (q, k, v))
+        torch.save(saved, path)
+        print(f"note: q/k/v of {key} written to {path}")
+    return q, k, v
+
+
+def _capture_smollm2(n_max: int, args, device: str):
     from attnswap.default_model import load_default_model
     from attnswap.evals.corpus import default_text
 
@@ -157,6 +182,26 @@ def package_baselines(kind: str, alpha: float) -> dict:
         return {"entmax_bisect": lambda s: pkg.entmax_bisect(s, 2.0, dim=-1),
                 "sparsemax_pkg": lambda s: pkg.sparsemax(s, dim=-1)}
     return {}
+
+
+def adasplash_package():
+    try:
+        import adasplash
+    except ImportError:
+        return None
+    return adasplash
+
+
+def adasplash_baselines(kind: str, alpha: float, n: int, d: int) -> dict:
+    """name -> run(q, k, v) of AdaSplash for ``kind`` at this shape (empty when it is not installed or cannot take
+    it: causal only, N a power of two >= 64, head dim 16-256 a power of two, scaling d^-1/2 as ours here)."""
+    pkg = adasplash_package()
+    if pkg is None or kind == "topk" or n < 64 or n & (n - 1) or d not in (16, 32, 64, 128, 256):
+        return {}
+    a = 2.0 if kind == "sparsemax" else alpha
+    if a == 1.5:  # AdaSplash-2: histogram threshold, block-sparse kernels (its default niter)
+        return {"adasplash_v2": lambda q, k, v: pkg.adasplash_v2(q, k, v)}
+    return {"adasplash_v1": lambda q, k, v: pkg.adasplash_v1(q, k, v, alpha=a, is_causal=True)}
 
 
 def materialized(normalize, q, k, v):
@@ -283,11 +328,13 @@ def sparsity(kind: str, q, k, v, args) -> dict:
 def runs_for(mode: str, q, k, v, args, device: str) -> list[tuple]:
     """(kind, impl, options, callable) of every row of one (mode, N), the softmax baseline first."""
     impl = args.impl
+    decode = mode == "decode"
     runs = []
     if "softmax" in args.baselines:
         runs.append(("softmax", impl, {}, ours("softmax", q, k, v, impl, {})))
     if "sdpa" in args.baselines:
-        runs.append(("softmax", "sdpa_flash" if device.startswith("cuda") else "sdpa", {}, sdpa_run(q, k, v, device)))
+        runs.append(("softmax", "sdpa_flash" if device.startswith("cuda") else "sdpa", {},
+                     sdpa_run(q, k, v, device, causal=not decode)))
     for kind in args.kinds:
         why = kernel_missing(kind, impl, device)
         options = kind_options(kind, args)
@@ -295,7 +342,10 @@ def runs_for(mode: str, q, k, v, args, device: str) -> list[tuple]:
             print(f"note: {kind} skipped: {why}")
         else:
             runs.append((kind, impl, options, ours(kind, q, k, v, impl, options)))
-        if "entmax_pkg" in args.baselines:
+        if "adasplash" in args.baselines and not decode and device.startswith("cuda"):
+            for name, run in adasplash_baselines(kind, args.alpha, q.shape[2], q.shape[-1]).items():
+                runs.append((kind, name, options, (lambda r: lambda: r(q, k, v))(run)))
+        if "entmax_pkg" in args.baselines and not decode:
             for name, normalize in package_baselines(kind, args.alpha).items():
                 runs.append((kind, name, options, materialized(normalize, q, k, v)))
     if mode == "fwd_bwd":
@@ -318,22 +368,32 @@ def bench_length(n: int, qkv, args, device: str, emit) -> None:
     for mode in args.modes:
         grad = mode == "fwd_bwd"
         q, k, v = (t.detach().requires_grad_(grad) for t in qkv)
-        flops = 2 * b * hq * n * n * d * (3.5 if grad else 1.0)
+        if mode == "decode":
+            q = q[:, :, -1:].contiguous()
+        flops = 2 * b * hq * q.shape[2] * n * d * (3.5 if grad else 1.0)
         results = []
+        outputs = {}
         for kind, impl, options, fn in runs_for(mode, q, k, v, args, device):
             with torch.set_grad_enabled(grad):
                 got = attempt(fn, device, args)
+                if mode == "fwd" and kind != "softmax" and "error" not in got:
+                    outputs[(kind, impl)] = _output(fn)
             results.append((kind, impl, options, got))
+        for kind, impl, _, got in results:  # how far each baseline is from our kernel's output
+            mine, theirs = outputs.get((kind, args.impl)), outputs.get((kind, impl))
+            if impl != args.impl and mine is not None and theirs is not None and theirs.shape == mine.shape:
+                got["max_abs_diff_vs_ours"] = float((theirs.float() - mine.float()).abs().max())
         base = next((got.get("ms") for kind, impl, _, got in results if kind == "softmax" and impl == args.impl), None)
         pkg_ms = {(kind, impl): got.get("ms") for kind, impl, _, got in results if impl not in (args.impl,)}
         for kind, impl, options, got in results:
             is_base = kind == "softmax" and impl == args.impl
-            row = dict(bench=BENCH, kind=kind, impl=impl, b=b, hq=hq, hkv=hkv, n=n, d=d, causal=True, mode=mode,
+            row = dict(bench=BENCH, kind=kind, impl=impl, b=b, hq=hq, hkv=hkv, n=n, queries=q.shape[2], d=d, causal=True,
+                       mode=mode,
                        **got, tflops=flops / got["ms"] * 1e-9 if got.get("ms") else None,
                        baseline=None if is_base else f"softmax ({args.impl})", baseline_ms=None if is_base else base,
                        inputs=args.inputs, **options)
             if impl == args.impl and kind != "softmax":
-                row.update(stats.get(kind, {}))
+                row.update(stats.get(kind, {}) if mode != "decode" else {})
                 for (pkind, pimpl), pms in pkg_ms.items():
                     if pkind == kind and pms:
                         row[f"{pimpl}_ms"] = pms
@@ -341,11 +401,22 @@ def bench_length(n: int, qkv, args, device: str, emit) -> None:
             emit(with_speedup(row))
 
 
+def _output(fn):
+    """One more call of a forward row, its output kept (None when it fails)."""
+    try:
+        with torch.no_grad():
+            return fn()
+    except Exception:  # noqa: BLE001  (already recorded by the timed attempt)
+        return None
+
+
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
     device = args.device
     if args.impl == "torch":
         print("note: impl=torch: the PyTorch references of attnswap are timed, not the Triton kernels")
+    if "adasplash" in args.baselines and adasplash_package() is None:
+        print("note: AdaSplash is not installed (pip install --no-deps benchmarks/wheels/adasplash-*.whl): skipped")
     if "entmax_pkg" in args.baselines and entmax_package() is None:
         print("note: the `entmax` package is not installed (pip install entmax): its baselines are skipped")
     label = device_label(device)

@@ -240,3 +240,26 @@ def test_dispatch_overhead_smoke(tmp_path, one_thread_here):
         assert row["speedup"] == pytest.approx(row["baseline_us"] / row["us"])
         assert (row["n"], row["m"]) == ((1, 64) if row["mode"] == "decode" else (32, 32))
     assert all(r["transformers_sdpa_us"] > 0 for r in rows if r["path"] == "backend")
+
+
+def test_compile_stats_smoke(tmp_path):
+    """One kernel config (flash forward, head dim 64) compiled for sm_90 without a GPU: registers and spills from
+    ptxas. The tool runs itself in a subprocess without the Triton interpreter this test process uses."""
+    import compile_stats
+
+    if compile_stats.ptxas_tool() is None:
+        pytest.skip("no ptxas for sm_90 in this Triton (triton/backends/nvidia/bin)")
+    before = results_snapshot()
+    rows = compile_stats.main(["--kernels", "flash", "--only", "_fwd_kernel", "--smoke", "--quiet",
+                               "--out", str(tmp_path)])
+    assert results_snapshot() == before, "the smoke run wrote into benchmarks/results"
+    assert len(rows) == 1 and read_lines(tmp_path) == rows
+    row = rows[0]
+    assert row["error"] is None, row
+    assert (row["bench"], row["kind"], row["kernel"], row["d"], row["target"]) == (
+        "compile_stats", "flash", "_fwd_kernel", 64, "sm_90")
+    assert isinstance(row["n_regs"], int) and 0 < row["n_regs"] <= 255
+    for key in ("spill_stores_bytes", "spill_loads_bytes", "stack_bytes", "shared_bytes"):
+        assert isinstance(row[key], int) and row[key] >= 0, key
+    assert row["spill"] == bool(row["spill_stores_bytes"] or row["spill_loads_bytes"])
+    assert row["blocks"]["BLOCK_M"] >= 64 and row["num_warps"] >= 4  # the GPU's tiles, not the interpreter's

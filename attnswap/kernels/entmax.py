@@ -24,8 +24,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .entmax_threshold import OUTSIDE_BAND, load_kt, power_mode, powers, tau_kernel, z_tile
-from .tiles import check_shapes, common_support, dot_f32, dot_prec, key_band, mask_view, query_band, scores, visible
+from .entmax_threshold import OUTSIDE_BAND, POW_GENERAL, power_mode, powers, tau_kernel, z_tile
+from .select_tiles import CAP, NUM_BINS
+from .tiles import (check_shapes, common_support, dot_f32, dot_prec, load_cols, load_rows, mask_view, scores,
+                    split_heads, visible)
 from .tuning import candidates, interpreting
 
 MAX_ITER = 64  # Newton passes at most (each a pass over the key band)
@@ -33,7 +35,7 @@ TOL = 1e-6  # a row has converged when its Newton step is below TOL * max(1, |ta
 
 
 @triton.jit(do_not_specialize=["N_Q", "N_K", "offset", "window"])
-def _out_kernel(Q, K, V, O, SINKS, MASK, TAU, BMAP, RDEN, U, GSUM, SUPPORT,
+def _out_kernel(Q, K, V, O, SINKS, MASK, TAU, KB_LIST, KB_COUNT, RDEN, U, GSUM, SUPPORT,
                 sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, son, sod,
                 smb, smh, smn, smm, H_Q, GROUPS, N_Q, N_K, N_QB, N_KB, scale, softcap, am1, e, offset, window,
                 IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_MASK: tl.constexpr,
@@ -44,48 +46,40 @@ def _out_kernel(Q, K, V, O, SINKS, MASK, TAU, BMAP, RDEN, U, GSUM, SUPPORT,
     qb = tl.program_id(0)
     start_m = qb * BLOCK_M
     bh = tl.program_id(1)
-    b = (bh // H_Q).to(tl.int64)
-    h = (bh % H_Q).to(tl.int64)
-    hk = h // GROUPS
+    b, h, hk = split_heads(bh, H_Q, GROUPS)
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D_PAD)
     row_ok = offs_m < N_Q
-    d_ok = offs_d < HEAD_DIM
-    tile_ok = row_ok[:, None] & d_ok[None, :]
-    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :] * sqd, mask=tile_ok, other=0.0)
-    if DOT_F32:
-        q = q.to(tl.float32)
+    tile_ok = row_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
+    q = load_rows(Q + b * sqb + h * sqh, offs_m, offs_d, sqn, sqd, N_Q, HEAD_DIM, DOT_F32)
     row = bh.to(tl.int64) * N_Q + offs_m
     tau = tl.load(TAU + row, mask=row_ok, other=float("inf"))
     k_base = K + b * skb + hk * skh
     v_base = V + b * svb + hk * svh
     mask_base = MASK + b * smb + h * smh
-    map_row = BMAP + (bh.to(tl.int64) * N_QB + qb) * N_KB
+    prog = bh.to(tl.int64) * N_QB + qb
+    kb_row = KB_LIST + prog * N_KB
 
     acc = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
     u_acc = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
     sum_p = tl.zeros([BLOCK_M], dtype=tl.float32)
     sum_g = tl.zeros([BLOCK_M], dtype=tl.float32)
     support = tl.zeros([BLOCK_M], dtype=tl.float32)
-    lo, hi = key_band(start_m, N_K, offset, window, IS_CAUSAL, HAS_WINDOW, BLOCK_M, BLOCK_N)
-    for start_n in range(lo, hi, BLOCK_N):
-        if tl.load(map_row + start_n // BLOCK_N) == 1:
-            offs_n = start_n + tl.arange(0, BLOCK_N)
-            kt = load_kt(k_base, offs_n, offs_d, skn, skd, N_K, HEAD_DIM, DOT_F32)
-            z, _, vis = z_tile(q, kt, offs_m, offs_n, N_Q, N_K, mask_base, smn, smm, scale, softcap, am1, offset,
-                               window, IS_CAUSAL, HAS_WINDOW, HAS_MASK, HAS_SOFTCAP, DOT_PREC)
-            u = tl.maximum(z - tau[:, None], 0.0)
-            p, g = powers(u, e, MODE)
-            v = tl.load(v_base + offs_n[:, None] * svn + offs_d[None, :] * svd,
-                        mask=(offs_n < N_K)[:, None] & d_ok[None, :], other=0.0)
-            if DOT_F32:
-                v = v.to(tl.float32)
-            sum_p += tl.sum(p, 1)
-            support += tl.sum((u > 0).to(tl.float32), 1)
-            acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
-            if NEED_GRAD:
-                sum_g += tl.sum(g, 1)
-                u_acc = tl.dot(g.to(v.dtype), v, u_acc, input_precision=DOT_PREC)
+    for i in range(0, tl.load(KB_COUNT + prog)):
+        start_n = tl.load(kb_row + i) * BLOCK_N
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        kt = load_cols(k_base, offs_n, offs_d, skn, skd, N_K, HEAD_DIM, DOT_F32)
+        z, _, vis = z_tile(q, kt, offs_m, offs_n, N_Q, N_K, mask_base, smn, smm, scale, softcap, am1, offset,
+                           window, IS_CAUSAL, HAS_WINDOW, HAS_MASK, HAS_SOFTCAP, DOT_PREC)
+        u = tl.maximum(z - tau[:, None], 0.0)
+        p, g = powers(u, e, MODE)
+        v = load_rows(v_base, offs_n, offs_d, svn, svd, N_K, HEAD_DIM, DOT_F32)
+        sum_p += tl.sum(p, 1)
+        support += tl.sum((u > 0).to(tl.float32), 1)
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
+        if NEED_GRAD:
+            sum_g += tl.sum(g, 1)
+            u_acc = tl.dot(g.to(v.dtype), v, u_acc, input_precision=DOT_PREC)
     if HAS_SINKS:
         p_s, g_s = powers(tl.maximum(tl.load(SINKS + h).to(tl.float32) * am1 - tau, 0.0), e, MODE)
         sum_p += p_s
@@ -102,7 +96,7 @@ def _out_kernel(Q, K, V, O, SINKS, MASK, TAU, BMAP, RDEN, U, GSUM, SUPPORT,
 
 
 @triton.jit(do_not_specialize=["N_Q", "N_K", "offset", "window"])
-def _dkdv_kernel(Q, K, V, DO, TAU, RDEN, DELTA, BMAP, DK, DV, MASK,
+def _dkdv_kernel(Q, K, V, DO, TAU, RDEN, DELTA, QB_LIST, QB_COUNT, DK, DV, MASK,
                  sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdob, sdoh, sdon, sdod,
                  sdkb, sdkh, sdkn, sdkd, sdvb, sdvh, sdvn, sdvd, smb, smh, smn, smm,
                  H_Q, H_KV, GROUPS, N_Q, N_K, N_QB, N_KB, scale, softcap, am1, e, offset, window,
@@ -112,55 +106,45 @@ def _dkdv_kernel(Q, K, V, DO, TAU, RDEN, DELTA, BMAP, DK, DV, MASK,
     """dk, dv of one key block and KV head, summed over the query heads of its group (transposed tiles)."""
     kb = tl.program_id(0)
     start_n = kb * BLOCK_N
-    bhk = tl.program_id(1)
-    b = (bhk // H_KV).to(tl.int64)
-    hk = (bhk % H_KV).to(tl.int64)
+    b, hk, _ = split_heads(tl.program_id(1), H_KV, 1)
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D_PAD)
-    d_ok = offs_d < HEAD_DIM
-    kv_ok = (offs_n < N_K)[:, None] & d_ok[None, :]
-    k = tl.load(K + b * skb + hk * skh + offs_n[:, None] * skn + offs_d[None, :] * skd, mask=kv_ok, other=0.0)
-    v = tl.load(V + b * svb + hk * svh + offs_n[:, None] * svn + offs_d[None, :] * svd, mask=kv_ok, other=0.0)
-    if DOT_F32:
-        k = k.to(tl.float32)
-        v = v.to(tl.float32)
+    kv_ok = (offs_n < N_K)[:, None] & (offs_d < HEAD_DIM)[None, :]
+    k = load_rows(K + b * skb + hk * skh, offs_n, offs_d, skn, skd, N_K, HEAD_DIM, DOT_F32)
+    v = load_rows(V + b * svb + hk * svh, offs_n, offs_d, svn, svd, N_K, HEAD_DIM, DOT_F32)
     dk = tl.zeros([BLOCK_N, D_PAD], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, D_PAD], dtype=tl.float32)
-    q_lo, q_hi = query_band(start_n, N_Q, offset, window, IS_CAUSAL, HAS_WINDOW, BLOCK_M, BLOCK_N)
     for g in range(0, GROUPS):
         h = hk * GROUPS + g
         bh = b * H_Q + h
         q_base = Q + b * sqb + h * sqh
         do_base = DO + b * sdob + h * sdoh
         mask_base = MASK + b * smb + h * smh
-        for start_m in range(q_lo, q_hi, BLOCK_M):
-            if tl.load(BMAP + (bh * N_QB + start_m // BLOCK_M) * N_KB + kb) == 1:
-                offs_m = start_m + tl.arange(0, BLOCK_M)
-                m_ok = offs_m < N_Q
-                qt = tl.load(q_base + offs_m[None, :] * sqn + offs_d[:, None] * sqd,
-                             mask=m_ok[None, :] & d_ok[:, None], other=0.0)
-                do = tl.load(do_base + offs_m[:, None] * sdon + offs_d[None, :] * sdod,
-                             mask=m_ok[:, None] & d_ok[None, :], other=0.0)
-                if DOT_F32:
-                    qt = qt.to(tl.float32)
-                    do = do.to(tl.float32)
-                row = bh * N_Q + offs_m
-                tau = tl.load(TAU + row, mask=m_ok, other=float("inf"))
-                rden = tl.load(RDEN + row, mask=m_ok, other=0.0)
-                delta = tl.load(DELTA + row, mask=m_ok, other=0.0)
-                st, t = scores(k, qt, scale, softcap, HAS_SOFTCAP, DOT_PREC)  # (BLOCK_N, BLOCK_M)
-                vis = tl.trans(visible(offs_m, offs_n, N_Q, N_K, mask_base, smn, smm, offset, window,
-                                       IS_CAUSAL, HAS_WINDOW, HAS_MASK))
-                z = st * am1
-                u = tl.where(vis, tl.maximum(z - tau[None, :], 0.0), 0.0)
-                pt, gt = powers(u, e, MODE)
-                pt = pt * rden[None, :]
-                dv = tl.dot(pt.to(do.dtype), do, dv, input_precision=DOT_PREC)
-                dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
-                dst = gt * (dpt - delta[None, :])
-                if HAS_SOFTCAP:
-                    dst = dst * (1.0 - t * t)
-                dk = tl.dot(dst.to(qt.dtype), tl.trans(qt), dk, input_precision=DOT_PREC)
+        prog = bh * N_KB + kb
+        qb_row = QB_LIST + prog * N_QB
+        for i in range(0, tl.load(QB_COUNT + prog)):
+            start_m = tl.load(qb_row + i) * BLOCK_M
+            offs_m = start_m + tl.arange(0, BLOCK_M)
+            m_ok = offs_m < N_Q
+            qt = load_cols(q_base, offs_m, offs_d, sqn, sqd, N_Q, HEAD_DIM, DOT_F32)
+            do = load_rows(do_base, offs_m, offs_d, sdon, sdod, N_Q, HEAD_DIM, DOT_F32)
+            row = bh * N_Q + offs_m
+            tau = tl.load(TAU + row, mask=m_ok, other=float("inf"))
+            rden = tl.load(RDEN + row, mask=m_ok, other=0.0)
+            delta = tl.load(DELTA + row, mask=m_ok, other=0.0)
+            st, t = scores(k, qt, scale, softcap, HAS_SOFTCAP, DOT_PREC)  # (BLOCK_N, BLOCK_M)
+            vis = tl.trans(visible(offs_m, offs_n, N_Q, N_K, mask_base, smn, smm, offset, window,
+                                   IS_CAUSAL, HAS_WINDOW, HAS_MASK))
+            z = st * am1
+            u = tl.where(vis, tl.maximum(z - tau[None, :], 0.0), 0.0)
+            pt, gt = powers(u, e, MODE)
+            pt = pt * rden[None, :]
+            dv = tl.dot(pt.to(do.dtype), do, dv, input_precision=DOT_PREC)
+            dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
+            dst = gt * (dpt - delta[None, :])
+            if HAS_SOFTCAP:
+                dst = dst * (1.0 - t * t)
+            dk = tl.dot(dst.to(qt.dtype), tl.trans(qt), dk, input_precision=DOT_PREC)
     dk = dk * scale
     tl.store(DK + b * sdkb + hk * sdkh + offs_n[:, None] * sdkn + offs_d[None, :] * sdkd,
              dk.to(DK.dtype.element_ty), mask=kv_ok)
@@ -169,7 +153,7 @@ def _dkdv_kernel(Q, K, V, DO, TAU, RDEN, DELTA, BMAP, DK, DV, MASK,
 
 
 @triton.jit(do_not_specialize=["N_Q", "N_K", "offset", "window"])
-def _dq_kernel(Q, K, V, DO, TAU, DELTA, BMAP, DQ, MASK,
+def _dq_kernel(Q, K, V, DO, TAU, DELTA, KB_LIST, KB_COUNT, DQ, MASK,
                sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdob, sdoh, sdon, sdod,
                sdqb, sdqh, sdqn, sdqd, smb, smh, smn, smm,
                H_Q, GROUPS, N_Q, N_K, N_QB, N_KB, scale, softcap, am1, e, offset, window,
@@ -180,42 +164,35 @@ def _dq_kernel(Q, K, V, DO, TAU, DELTA, BMAP, DQ, MASK,
     qb = tl.program_id(0)
     start_m = qb * BLOCK_M
     bh = tl.program_id(1)
-    b = (bh // H_Q).to(tl.int64)
-    h = (bh % H_Q).to(tl.int64)
-    hk = h // GROUPS
+    b, h, hk = split_heads(bh, H_Q, GROUPS)
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D_PAD)
     m_ok = offs_m < N_Q
-    d_ok = offs_d < HEAD_DIM
-    tile_ok = m_ok[:, None] & d_ok[None, :]
-    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :] * sqd, mask=tile_ok, other=0.0)
-    do = tl.load(DO + b * sdob + h * sdoh + offs_m[:, None] * sdon + offs_d[None, :] * sdod, mask=tile_ok,
-                 other=0.0)
-    if DOT_F32:
-        q = q.to(tl.float32)
-        do = do.to(tl.float32)
+    tile_ok = m_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
+    q = load_rows(Q + b * sqb + h * sqh, offs_m, offs_d, sqn, sqd, N_Q, HEAD_DIM, DOT_F32)
+    do = load_rows(DO + b * sdob + h * sdoh, offs_m, offs_d, sdon, sdod, N_Q, HEAD_DIM, DOT_F32)
     row = bh.to(tl.int64) * N_Q + offs_m
     tau = tl.load(TAU + row, mask=m_ok, other=float("inf"))
     delta = tl.load(DELTA + row, mask=m_ok, other=0.0)
     k_base = K + b * skb + hk * skh
     v_base = V + b * svb + hk * svh
     mask_base = MASK + b * smb + h * smh
-    map_row = BMAP + (bh.to(tl.int64) * N_QB + qb) * N_KB
+    prog = bh.to(tl.int64) * N_QB + qb
+    kb_row = KB_LIST + prog * N_KB
     dq = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
-    lo, hi = key_band(start_m, N_K, offset, window, IS_CAUSAL, HAS_WINDOW, BLOCK_M, BLOCK_N)
-    for start_n in range(lo, hi, BLOCK_N):
-        if tl.load(map_row + start_n // BLOCK_N) == 1:
-            offs_n = start_n + tl.arange(0, BLOCK_N)
-            kt = load_kt(k_base, offs_n, offs_d, skn, skd, N_K, HEAD_DIM, DOT_F32)
-            vt = load_kt(v_base, offs_n, offs_d, svn, svd, N_K, HEAD_DIM, DOT_F32)
-            z, t, vis = z_tile(q, kt, offs_m, offs_n, N_Q, N_K, mask_base, smn, smm, scale, softcap, am1, offset,
-                               window, IS_CAUSAL, HAS_WINDOW, HAS_MASK, HAS_SOFTCAP, DOT_PREC)
-            _, g = powers(tl.maximum(z - tau[:, None], 0.0), e, MODE)
-            dp = tl.dot(do, vt, input_precision=DOT_PREC)
-            ds = g * (dp - delta[:, None])
-            if HAS_SOFTCAP:
-                ds = ds * (1.0 - t * t)
-            dq = tl.dot(ds.to(kt.dtype), tl.trans(kt), dq, input_precision=DOT_PREC)
+    for i in range(0, tl.load(KB_COUNT + prog)):
+        start_n = tl.load(kb_row + i) * BLOCK_N
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        kt = load_cols(k_base, offs_n, offs_d, skn, skd, N_K, HEAD_DIM, DOT_F32)
+        vt = load_cols(v_base, offs_n, offs_d, svn, svd, N_K, HEAD_DIM, DOT_F32)
+        z, t, vis = z_tile(q, kt, offs_m, offs_n, N_Q, N_K, mask_base, smn, smm, scale, softcap, am1, offset,
+                           window, IS_CAUSAL, HAS_WINDOW, HAS_MASK, HAS_SOFTCAP, DOT_PREC)
+        _, g = powers(tl.maximum(z - tau[:, None], 0.0), e, MODE)
+        dp = tl.dot(do, vt, input_precision=DOT_PREC)
+        ds = g * (dp - delta[:, None])
+        if HAS_SOFTCAP:
+            ds = ds * (1.0 - t * t)
+        dq = tl.dot(ds.to(kt.dtype), tl.trans(kt), dq, input_precision=DOT_PREC)
     dq = dq * scale
     tl.store(DQ + b * sdqb + h * sdqh + offs_m[:, None] * sdqn + offs_d[None, :] * sdqd,
              dq.to(DQ.dtype.element_ty), mask=tile_ok)
@@ -225,21 +202,35 @@ def _dq_kernel(Q, K, V, DO, TAU, DELTA, BMAP, DQ, MASK,
 # host side
 
 # One tile shape for every pass (the block map is per (query block, key block)); only warps/stages are tuned.
+# Configs that spill registers on sm_90 are not tried (`python benchmarks/compile_stats.py --kernels entmax`,
+# bf16, 64 x 64 tiles, triton 3.9 / ptxas 13.4): the threshold kernel with 4 warps (324-360 B at head dims 64
+# and 128); for padded head dims >= 128 the output kernel's (4, 3) with gradients (44 B) and the dk/dv kernel's
+# (4, 2), (4, 3), (8, 3) (96-248 B); the dk/dv kernel's (4, 3) at head dim 64 too (44 B).
 _TUNE_KEY = ["HEAD_DIM", "BLOCK_M", "BLOCK_N", "IS_CAUSAL", "HAS_WINDOW", "HAS_MASK", "HAS_SOFTCAP", "MODE"]
 _WARP_STAGES = [(4, 2), (4, 3), (8, 2), (8, 3)]
+_TAU_WARP_STAGES = [(8, 2), (8, 3)]
 
 
-def _tuned(fn, key):
+def _tuned(fn, key, warp_stages=_WARP_STAGES, spills=(), spills_wide=()):
+    """``fn`` autotuned over ``warp_stages`` less the (warps, stages) that spill: ``spills`` at every head dim,
+    ``spills_wide`` at padded head dims >= 128 (left whole when nothing would remain)."""
     if interpreting():
         return fn
+
+    def prune(configs, named_args, **kwargs):
+        wide = kwargs.get("D_PAD", 0) >= 128
+        kept = [c for c in configs if (c.num_warps, c.num_stages) not in spills
+                and not (wide and (c.num_warps, c.num_stages) in spills_wide)]
+        return kept or configs
+
     return triton.autotune(
-        configs=[triton.Config({}, num_warps=w, num_stages=s) for w, s in candidates(_WARP_STAGES)],
-        key=key)(fn)
+        configs=[triton.Config({}, num_warps=w, num_stages=s) for w, s in candidates(warp_stages)],
+        key=key, prune_configs_by={"early_config_prune": prune})(fn)
 
 
-_tau_run = _tuned(tau_kernel, _TUNE_KEY)
-_out_run = _tuned(_out_kernel, _TUNE_KEY + ["NEED_GRAD"])
-_dkdv_run = _tuned(_dkdv_kernel, _TUNE_KEY + ["GROUPS"])
+_tau_run = _tuned(tau_kernel, _TUNE_KEY, _TAU_WARP_STAGES)
+_out_run = _tuned(_out_kernel, _TUNE_KEY + ["NEED_GRAD"], spills_wide={(4, 3)})
+_dkdv_run = _tuned(_dkdv_kernel, _TUNE_KEY + ["GROUPS"], spills={(4, 3)}, spills_wide={(4, 2), (8, 3)})
 _dq_run = _tuned(_dq_kernel, _TUNE_KEY)
 
 
@@ -287,12 +278,21 @@ class _Plan:
         return self.mask if self.mask is not None else fallback
 
 
+def block_lists(bmap: torch.Tensor):
+    """A block map (programs, rows, cols) int8 -> its active (== 1) entries as compact lists: (programs, rows,
+    cols) int32 with each row's active column indices first, in order, and (programs, rows) int32 counts. The
+    output and backward passes loop over a list instead of testing every block of the band (no host sync)."""
+    active = bmap == 1
+    order = torch.sort((~active).to(torch.uint8), dim=-1, stable=True).indices.to(torch.int32)
+    return order.contiguous(), active.sum(-1, dtype=torch.int32).contiguous()
+
+
 def entmax_forward(q, k, v, *, alpha, scaling, causal=False, offset=0, window=None, softcap=None, sinks=None,
                    mask=None, need_grad=False):
     """Forward: returns ``(o (b, Hq, n, d) in q.dtype, saved)`` where ``saved`` holds tau (b, Hq, n) fp32
     (+inf on rows with nothing visible and no sink), rden = 1 / sum p, u = sum g v and gsum = sum g (with
     ``need_grad``), the block map (b*Hq, n_qblocks, n_kblocks) int8 (1 active, 0 no weight, 2 outside the
-    band), the visible key count and support size per row, and the Newton passes per program."""
+    band), the visible key count and support size per row, and the streamed threshold passes per program (``passes``)."""
     pl = _Plan(q, k, v, alpha=alpha, scaling=scaling, causal=causal, offset=offset, window=window,
                softcap=softcap, mask=mask)
     b, hq, n, m, d = pl.b, pl.hq, pl.n, pl.m, pl.d
@@ -302,7 +302,7 @@ def entmax_forward(q, k, v, *, alpha, scaling, causal=False, offset=0, window=No
     saved = dict(plan=pl, tau=torch.empty((b, hq, n), **f32), rden=torch.empty((b, hq, n), **f32),
                  count=torch.empty((b, hq, n), **f32), support=torch.empty((b, hq, n), **f32),
                  bmap=torch.full((b * hq, pl.n_qb, pl.n_kb), OUTSIDE_BAND, device=dev, dtype=torch.int8),
-                 iters=torch.zeros((b * hq, pl.n_qb), device=dev, dtype=torch.int32),
+                 passes=torch.zeros((b * hq, pl.n_qb), device=dev, dtype=torch.int32),
                  u=torch.empty((b, hq, n, d), **f32) if need_grad else None,
                  gsum=torch.empty((b, hq, n), **f32) if need_grad else None)
     if o.numel() == 0 or m == 0:
@@ -314,15 +314,20 @@ def entmax_forward(q, k, v, *, alpha, scaling, causal=False, offset=0, window=No
     sinks_t = sinks.detach().float().contiguous() if sinks is not None else saved["tau"]
     mask_arg = pl.mask_arg(saved["tau"])
     grid = (pl.n_qb, b * hq)
-    _tau_run[grid](q, k, sinks_t, mask_arg, saved["tau"], saved["count"], saved["bmap"], saved["iters"],
-                   *q.stride(), *k.stride(), *pl.mask_strides, hq, hq // pl.hkv, n, m, pl.n_qb, pl.n_kb,
-                   pl.scalars["scale"], pl.scalars["softcap"], pl.am1, pl.scalars["e"], TOL, pl.scalars["offset"],
-                   pl.scalars["window"],
-                   MAX_ITER=MAX_ITER, HAS_SINKS=sinks is not None, **pl.flags, **pl.launch)
+    block_max = torch.empty((b * hq, pl.n_qb, pl.n_kb), **f32)
+    closed_form = pl.flags["MODE"] != POW_GENERAL  # the gathering pass and its scratch rows
+    scratch = torch.empty((b * hq * n, CAP) if closed_form else (1,), **f32)
+    _tau_run[grid](q, k, sinks_t, mask_arg, saved["tau"], saved["count"], saved["bmap"], block_max, scratch,
+                   saved["passes"], *q.stride(), *k.stride(), *pl.mask_strides, hq, hq // pl.hkv, n, m, pl.n_qb,
+                   pl.n_kb, pl.scalars["scale"], pl.scalars["softcap"], pl.am1, pl.scalars["e"], TOL,
+                   pl.scalars["offset"], pl.scalars["window"], MAX_ITER=MAX_ITER, HAS_SINKS=sinks is not None,
+                   NUM_BINS=NUM_BINS, CAP=CAP, **pl.flags, **pl.launch)
+    del scratch, block_max
+    saved["kb_list"], saved["kb_count"] = block_lists(saved["bmap"])
     u_arg = saved["u"] if need_grad else saved["tau"]
     gsum_arg = saved["gsum"] if need_grad else saved["tau"]
-    _out_run[grid](q, k, v, o, sinks_t, mask_arg, saved["tau"], saved["bmap"], saved["rden"], u_arg, gsum_arg,
-                   saved["support"], *q.stride(), *k.stride(), *v.stride(), *o.stride(), *pl.mask_strides,
+    _out_run[grid](q, k, v, o, sinks_t, mask_arg, saved["tau"], saved["kb_list"], saved["kb_count"], saved["rden"],
+                   u_arg, gsum_arg, saved["support"], *q.stride(), *k.stride(), *v.stride(), *o.stride(), *pl.mask_strides,
                    hq, hq // pl.hkv, n, m, pl.n_qb, pl.n_kb, **pl.scalars, HAS_SINKS=sinks is not None,
                    NEED_GRAD=bool(need_grad), **pl.flags, **pl.launch)
     return o, saved
@@ -343,12 +348,13 @@ def entmax_backward(do, q, k, v, saved, *, sinks=None):
     delta = (do.float() * saved["u"]).sum(-1) / torch.where(gsum > 0, gsum, torch.ones_like(gsum))
     delta = torch.where(gsum > 0, delta, torch.zeros_like(delta)).contiguous()
     mask_arg = pl.mask_arg(delta)
+    qb_list, qb_count = block_lists(saved["bmap"].transpose(1, 2))  # per key block: its query blocks
     _dkdv_run[(pl.n_kb, b * hkv)](
-        q, k, v, do, saved["tau"], saved["rden"], delta, saved["bmap"], dk, dv, mask_arg,
+        q, k, v, do, saved["tau"], saved["rden"], delta, qb_list, qb_count, dk, dv, mask_arg,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(), *pl.mask_strides,
         hq, hkv, hq // hkv, n, m, pl.n_qb, pl.n_kb, **pl.scalars, **pl.flags, **pl.launch)
     _dq_run[(pl.n_qb, b * hq)](
-        q, k, v, do, saved["tau"], delta, saved["bmap"], dq, mask_arg,
+        q, k, v, do, saved["tau"], delta, saved["kb_list"], saved["kb_count"], dq, mask_arg,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(), *pl.mask_strides,
         hq, hq // hkv, n, m, pl.n_qb, pl.n_kb, **pl.scalars, **pl.flags, **pl.launch)
     dsinks = None
@@ -360,15 +366,19 @@ def entmax_backward(do, q, k, v, saved, *, sinks=None):
 
 
 def forward_stats(saved) -> dict:
-    """{"skipped_block_fraction", "zero_weight_fraction", "iterations"} of a forward (synchronizes)."""
+    """{"skipped_block_fraction", "zero_weight_fraction", "threshold_passes", "threshold_passes_max"} of a
+    forward (synchronizes). Passes: streamed passes over the keys before the output pass, per query block (the
+    median over blocks, and the most), every pass counted (the max/count and histogram passes included)."""
     bmap = saved["bmap"]
     in_band = int((bmap != OUTSIDE_BAND).sum())
     skipped = int((bmap == 0).sum())
     visible_pairs = float(saved["count"].sum())
     support = float(saved["support"].sum())
+    passes = saved["passes"].flatten().float()
     return {"skipped_block_fraction": skipped / in_band if in_band else 0.0,
             "zero_weight_fraction": 1.0 - support / visible_pairs if visible_pairs else 0.0,
-            "iterations": int(saved["iters"].max()) if saved["iters"].numel() else 0}
+            "threshold_passes": float(passes.median()) if passes.numel() else 0.0,
+            "threshold_passes_max": int(passes.max()) if passes.numel() else 0}
 
 
 class _FlashEntmax(torch.autograd.Function):
@@ -399,7 +409,8 @@ def entmax_attention(q, k, v, *, alpha, scaling, causal=False, offset=0, window=
                      sinks=None, return_stats=False):
     """alpha-entmax attention (differentiable): o (b, Hq, n, d) in q.dtype, or (o, stats) with ``return_stats``:
     stats = {"skipped_block_fraction" (of the key blocks in the causal/window band), "zero_weight_fraction"
-    (1 - support size / visible pairs), "iterations" (most Newton passes of a query block)}.
+    (1 - support size / visible pairs), "threshold_passes" (median over query blocks of the streamed passes over
+    the keys before the output pass) and "threshold_passes_max"}.
 
     q (b, Hq, n, d); k, v (b, Hkv, m, d); query i sits at key position i + offset; ``mask`` bool broadcastable to
     (b, Hq, n, m), True = visible; ``sinks`` (Hq,) logits. alpha in (1, 2]."""

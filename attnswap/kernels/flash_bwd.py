@@ -24,7 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .tiles import dot_f32, dot_prec, key_band, mask_view, query_band, tanh, visible
+from .tiles import (dot_f32, dot_prec, key_band, load_cols, load_rows, mask_view, query_band, split_heads, tanh,
+                    visible)
 from .tuning import configs, interpreting, pruner
 
 
@@ -33,14 +34,12 @@ def _bwd_delta(O, DO, DELTA, sob, soh, son, sod, sdb, sdh, sdn, sdd, H_Q, N_Q,
                HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr):
     start_m = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1)
-    b = (bh // H_Q).to(tl.int64)
-    h = (bh % H_Q).to(tl.int64)
+    b, h, _ = split_heads(bh, H_Q, 1)
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D_PAD)
-    ok = (offs_m < N_Q)[:, None] & (offs_d < HEAD_DIM)[None, :]
-    o = tl.load(O + b * sob + h * soh + offs_m[:, None] * son + offs_d[None, :] * sod, mask=ok, other=0.0)
-    do = tl.load(DO + b * sdb + h * sdh + offs_m[:, None] * sdn + offs_d[None, :] * sdd, mask=ok, other=0.0)
-    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    o = load_rows(O + b * sob + h * soh, offs_m, offs_d, son, sod, N_Q, HEAD_DIM, True)
+    do = load_rows(DO + b * sdb + h * sdh, offs_m, offs_d, sdn, sdd, N_Q, HEAD_DIM, True)
+    delta = tl.sum(o * do, 1)
     tl.store(DELTA + bh.to(tl.int64) * N_Q + offs_m, delta, mask=offs_m < N_Q)
 
 
@@ -54,19 +53,13 @@ def _bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, MASK, THR,
               DOT_PREC: tl.constexpr, DOT_F32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               HAS_THRESHOLD: tl.constexpr = False):
     start_n = tl.program_id(0) * BLOCK_N
-    bhk = tl.program_id(1)
-    b = (bhk // H_KV).to(tl.int64)
-    hk = (bhk % H_KV).to(tl.int64)
+    b, hk, _ = split_heads(tl.program_id(1), H_KV, 1)
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D_PAD)
     n_ok = offs_n < N_K
-    d_ok = offs_d < HEAD_DIM
-    kv_ok = n_ok[:, None] & d_ok[None, :]
-    k = tl.load(K + b * skb + hk * skh + offs_n[:, None] * skn + offs_d[None, :] * skd, mask=kv_ok, other=0.0)
-    v = tl.load(V + b * svb + hk * svh + offs_n[:, None] * svn + offs_d[None, :] * svd, mask=kv_ok, other=0.0)
-    if DOT_F32:
-        k = k.to(tl.float32)
-        v = v.to(tl.float32)
+    kv_ok = n_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
+    k = load_rows(K + b * skb + hk * skh, offs_n, offs_d, skn, skd, N_K, HEAD_DIM, DOT_F32)
+    v = load_rows(V + b * svb + hk * svh, offs_n, offs_d, svn, svd, N_K, HEAD_DIM, DOT_F32)
     dk = tl.zeros([BLOCK_N, D_PAD], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, D_PAD], dtype=tl.float32)
 
@@ -83,13 +76,8 @@ def _bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, MASK, THR,
             offs_m = start_m + tl.arange(0, BLOCK_M)
             m_ok = offs_m < N_Q
             # transposed tiles (D_PAD, BLOCK_M): the block's math runs as (keys x queries)
-            qt = tl.load(q_base + offs_m[None, :] * sqn + offs_d[:, None] * sqd,
-                         mask=m_ok[None, :] & d_ok[:, None], other=0.0)
-            do = tl.load(do_base + offs_m[:, None] * sdon + offs_d[None, :] * sdod,
-                         mask=m_ok[:, None] & d_ok[None, :], other=0.0)
-            if DOT_F32:
-                qt = qt.to(tl.float32)
-                do = do.to(tl.float32)
+            qt = load_cols(q_base, offs_m, offs_d, sqn, sqd, N_Q, HEAD_DIM, DOT_F32)
+            do = load_rows(do_base, offs_m, offs_d, sdon, sdod, N_Q, HEAD_DIM, DOT_F32)
             lse = tl.load(LSE + row_base + offs_m, mask=m_ok, other=float("inf"))
             lse = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
             delta = tl.load(DELTA + row_base + offs_m, mask=m_ok, other=0.0)
@@ -130,20 +118,13 @@ def _bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, MASK, THR,
             HAS_THRESHOLD: tl.constexpr = False):
     start_m = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1)
-    b = (bh // H_Q).to(tl.int64)
-    h = (bh % H_Q).to(tl.int64)
-    hk = h // GROUPS
+    b, h, hk = split_heads(bh, H_Q, GROUPS)
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D_PAD)
     m_ok = offs_m < N_Q
-    d_ok = offs_d < HEAD_DIM
-    row_ok = m_ok[:, None] & d_ok[None, :]
-    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :] * sqd, mask=row_ok, other=0.0)
-    do = tl.load(DO + b * sdob + h * sdoh + offs_m[:, None] * sdon + offs_d[None, :] * sdod, mask=row_ok,
-                 other=0.0)
-    if DOT_F32:
-        q = q.to(tl.float32)
-        do = do.to(tl.float32)
+    row_ok = m_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
+    q = load_rows(Q + b * sqb + h * sqh, offs_m, offs_d, sqn, sqd, N_Q, HEAD_DIM, DOT_F32)
+    do = load_rows(DO + b * sdob + h * sdoh, offs_m, offs_d, sdon, sdod, N_Q, HEAD_DIM, DOT_F32)
     row_base = bh.to(tl.int64) * N_Q
     lse = tl.load(LSE + row_base + offs_m, mask=m_ok, other=float("inf"))
     lse = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
@@ -160,12 +141,8 @@ def _bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, MASK, THR,
     lo, hi = key_band(start_m, N_K, offset, window, IS_CAUSAL, HAS_WINDOW, BLOCK_M, BLOCK_N)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        kv_ok = (offs_n < N_K)[None, :] & d_ok[:, None]
-        kt = tl.load(k_base + offs_n[None, :] * skn + offs_d[:, None] * skd, mask=kv_ok, other=0.0)
-        vt = tl.load(v_base + offs_n[None, :] * svn + offs_d[:, None] * svd, mask=kv_ok, other=0.0)
-        if DOT_F32:
-            kt = kt.to(tl.float32)
-            vt = vt.to(tl.float32)
+        kt = load_cols(k_base, offs_n, offs_d, skn, skd, N_K, HEAD_DIM, DOT_F32)
+        vt = load_cols(v_base, offs_n, offs_d, svn, svd, N_K, HEAD_DIM, DOT_F32)
         s = tl.dot(q, kt, input_precision=DOT_PREC) * scale
         if HAS_SOFTCAP:
             t = tanh(s / softcap)
@@ -190,8 +167,11 @@ _DKDV_CONFIGS = configs([(32, 128, 8, 3), (64, 128, 8, 3), (32, 64, 4, 3), (64, 
                          (16, 64, 4, 2), (16, 32, 4, 2), (16, 16, 2, 1)])
 _DQ_CONFIGS = configs([(128, 32, 8, 3), (128, 64, 8, 3), (64, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 2),
                        (64, 16, 4, 2), (32, 16, 4, 2), (16, 16, 2, 1)])
-# wide heads and fp32 keep to tiles of at most 32 x 64 and two stages
+# wide heads and fp32 keep to tiles of at most 32 x 64 and two stages; at head dim 128 the dk/dv configs
+# (64, 64, 4 warps) and (64, 128, 8 warps) spill 230-550 B of registers on sm_90 (benchmarks/compile_stats.py)
 _prune = pruner(lambda bm, bn, stages: bm * bn > 32 * 64 or stages > 2)
+_prune_dkdv = pruner(lambda bm, bn, stages: bm * bn > 32 * 64 or stages > 2,
+                     spills_wide={(64, 64, 4, 3), (64, 64, 4, 2), (64, 128, 8, 3)})
 
 
 _KEY = ["N_Q_KEY", "N_K_KEY", "HEAD_DIM", "GROUPS", "IS_CAUSAL", "HAS_WINDOW", "HAS_MASK", "HAS_SOFTCAP",
@@ -200,7 +180,7 @@ if interpreting():
     _dkdv_tuned, _dq_tuned = _bwd_dkdv, _bwd_dq
 else:
     _dkdv_tuned = triton.autotune(configs=_DKDV_CONFIGS, key=_KEY,
-                                  prune_configs_by={"early_config_prune": _prune})(_bwd_dkdv)
+                                  prune_configs_by={"early_config_prune": _prune_dkdv})(_bwd_dkdv)
     _dq_tuned = triton.autotune(configs=_DQ_CONFIGS, key=_KEY,
                                 prune_configs_by={"early_config_prune": _prune})(_bwd_dq)
 

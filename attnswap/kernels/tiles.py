@@ -39,6 +39,36 @@ def scores(q, kt, scale, softcap, HAS_SOFTCAP: tl.constexpr, DOT_PREC: tl.conste
 
 
 @triton.jit
+def split_heads(pid, H, GROUPS):
+    """A program id over (batch row x head) -> (b, h, the KV head of h's group), all int64 (offsets past 2^31
+    elements stay exact); H heads per batch row, GROUPS query heads per KV head (1 for a KV-head grid)."""
+    b = (pid // H).to(tl.int64)
+    h = (pid % H).to(tl.int64)
+    return b, h, h // GROUPS
+
+
+@triton.jit
+def load_rows(base, offs, offs_d, s_row, s_d, N, HEAD_DIM: tl.constexpr, DOT_F32: tl.constexpr):
+    """(len(offs), D_PAD) tile of rows ``offs`` of an (N, HEAD_DIM) matrix at ``base`` (q, k, v, do), zero past N
+    and the head dim; fp32 when ``DOT_F32`` (the interpreter's bf16 dot)."""
+    x = tl.load(base + offs[:, None] * s_row + offs_d[None, :] * s_d,
+                mask=(offs < N)[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)
+    if DOT_F32:
+        x = x.to(tl.float32)
+    return x
+
+
+@triton.jit
+def load_cols(base, offs, offs_d, s_row, s_d, N, HEAD_DIM: tl.constexpr, DOT_F32: tl.constexpr):
+    """``load_rows`` transposed: the (D_PAD, len(offs)) tile (K^T, V^T)."""
+    x = tl.load(base + offs[None, :] * s_row + offs_d[:, None] * s_d,
+                mask=(offs < N)[None, :] & (offs_d < HEAD_DIM)[:, None], other=0.0)
+    if DOT_F32:
+        x = x.to(tl.float32)
+    return x
+
+
+@triton.jit
 def visible(offs_m, offs_n, N_Q, N_K, mask_base, smn, smm, offset, window,
             IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_MASK: tl.constexpr):
     """(BLOCK_M, BLOCK_N) bool: query offs_m sees key offs_n (``mask_base`` already at (b, h))."""

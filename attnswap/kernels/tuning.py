@@ -32,9 +32,11 @@ def configs(shapes) -> list:
             for bm, bn, w, s in candidates(shapes)]
 
 
-def pruner(heavy):
-    """An ``early_config_prune`` that drops tiles larger than the sequence lengths (rounded up to a power of two)
-    and, for wide heads (padded head dim >= 256) or fp32 inputs, the configs ``heavy(bm, bn, stages)`` flags."""
+def pruner(heavy, spills_wide=()):
+    """An ``early_config_prune`` that drops tiles larger than the sequence lengths (rounded up to a power of two),
+    for wide heads (padded head dim >= 256) or fp32 inputs the configs ``heavy(bm, bn, stages)`` flags, and for
+    padded head dims >= 128 the (BLOCK_M, BLOCK_N, num_warps, num_stages) in ``spills_wide`` (measured to spill
+    registers on sm_90: ``benchmarks/compile_stats.py``)."""
 
     def prune(configs, named_args, **kwargs):
         n, m = named_args["N_Q"], named_args["N_K"]
@@ -43,7 +45,9 @@ def pruner(heavy):
         cap_m, cap_n = max(16, triton.next_power_of_2(n)), max(16, triton.next_power_of_2(m))
         kept = [c for c in configs
                 if c.kwargs["BLOCK_M"] <= cap_m and c.kwargs["BLOCK_N"] <= cap_n
-                and not (tight and heavy(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_stages))]
+                and not (tight and heavy(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_stages))
+                and not (d_pad >= 128 and (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
+                         in spills_wide)]
         return kept or [triton.Config(dict(INTERPRETER_BLOCKS), num_warps=2, num_stages=1)]
 
     return prune

@@ -291,3 +291,10 @@ def test_tau_on_any_row(alpha, m, spread, integer, seed):
     s = (q @ k.transpose(-1, -2)) * scaling
     visible = torch.ones(n, m, dtype=torch.bool, device=DEV)
     torch.testing.assert_close(saved["tau"], _tau_reference(s, visible, alpha), atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("alpha,n", [(1.5, 1), (2.0, 4), (1.25, 2)])
+def test_decode_shapes(alpha, n):
+    """Generation's shapes: a few queries (the newest positions) against a long cache, GQA 3, with a sink."""
+    check(alpha=alpha, hq=3, hkv=1, n=n, m=150 * S, causal=True, sinks=torch.tensor([0.5, -1.0, 2.0], device=DEV),
+          spread=2.0)

@@ -1,10 +1,10 @@
-"""Tile pieces of the few-pass threshold searches (``entmax``, ``topk``): a per-row histogram of a score tile, the
-collection of one row's scores that fall in a narrow bracket into a small scratch row, and that row sorted.
+"""Tile pieces of the few-pass threshold searches (``entmax``, ``topk``): a per-row histogram of a score tile and
+the collection of one row's scores that fall in a narrow bracket into a small scratch row.
 
 A threshold search streams the keys a few times: one pass finds each row's range, one counts the scores in
 ``NUM_BINS`` bins of it (``bin_counts``), and one gathers the scores of the bin that holds the answer
-(``collect``), which is then solved exactly on the sorted few (``sorted_row``). Rows whose bin holds more than the
-scratch row's ``CAP`` slots fall back to the kind's own iteration, started from the bracket the histogram gave.
+(``collect``), on which the kind then solves exactly in registers. Rows whose bin holds more than the scratch
+row's ``CAP`` slots fall back to the kind's own iteration, started from the bracket the histogram gave.
 """
 
 from __future__ import annotations
@@ -54,18 +54,3 @@ def collect(x, take, base, row_ptr, CAP: tl.constexpr):
     pos = base[:, None] + tl.cumsum(t, 1) - t
     tl.store(row_ptr[:, None] + pos, x, mask=take & (pos < CAP))
     return base + tl.sum(t, 1)
-
-
-@triton.jit
-def sorted_row(row_ptr, count, CAP: tl.constexpr):
-    """(BLOCK_M, CAP) fp32: each row's first min(count, CAP) scratch values, largest first, -inf after them."""
-    cols = tl.arange(0, CAP)
-    x = tl.load(row_ptr[:, None] + cols[None, :], mask=cols[None, :] < count[:, None], other=float("-inf"))
-    return tl.sort(x, 1, descending=True)
-
-
-@triton.jit
-def column(x, j, CAP: tl.constexpr):
-    """x (BLOCK_M, CAP), j (BLOCK_M,) int32 -> x[i, j[i]] (0 where j is out of range)."""
-    cols = tl.arange(0, CAP)
-    return tl.sum(tl.where(cols[None, :] == j[:, None], x, 0.0), 1)

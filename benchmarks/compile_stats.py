@@ -116,7 +116,7 @@ def recording(kind: str, launches: list):
 
 def _drive(kind: str, d: int, dtype) -> None:
     """Call ``kind``'s entry points as a causal GQA model layer would (inference forward, training forward and
-    backward; flash also the split-KV decode), on CPU tensors. Lengths are long enough that no autotune config
+    backward; entmax and flash also the split-KV decode), on CPU tensors. Lengths are long enough that no autotune config
     is pruned for size; nothing is computed."""
     import torch
 
@@ -133,7 +133,15 @@ def _drive(kind: str, d: int, dtype) -> None:
     if kind == "entmax":
         from attnswap.kernels.entmax import entmax_attention
 
+        from attnswap.kernels.entmax_decode import decode_forward
+
         both(lambda q, k, v: entmax_attention(q, k, v, alpha=1.5, scaling=scaling, causal=True))
+        # one split-KV decode step against 4096 keys per power mode; splits given (the default asks the GPU)
+        kd, vd = (torch.zeros(b, hkv, 4096, d, dtype=dtype) for _ in range(2))
+        with torch.no_grad():
+            for alpha in (1.5, 2.0, 1.3):
+                decode_forward(q[:, :, :1], kd, vd, alpha=alpha, scaling=scaling, causal=True, offset=4095,
+                               splits=64)
     elif kind == "topk":
         from attnswap.kernels.topk import topk_attention
 
@@ -152,6 +160,13 @@ def _drive(kind: str, d: int, dtype) -> None:
         from attnswap.kernels.chunked_linear import chunked_attention
 
         both(lambda q, k, v: chunked_attention(q, k, v, feature=kind, scaling=scaling, causal=True))
+        if kind == "linear":  # the chunk-parallel engine over features (linear_parallel): ELU+1, F = d
+            from attnswap.kernels.linear_parallel import parallel_linear_attention
+            from attnswap.kinds.linear import elu_plus_one
+
+            mask = torch.ones(b, n, dtype=torch.bool)
+            for kw in ({"causal": True}, {"causal": False}, {"causal": True, "window": 256, "key_mask": mask}):
+                both(lambda q, k, v, kw=kw: parallel_linear_attention(elu_plus_one(q), elu_plus_one(k), v, **kw))
     else:
         raise ValueError(f"unknown kind {kind!r}; valid: {','.join(KINDS)}")
 

@@ -263,3 +263,29 @@ def test_compile_stats_smoke(tmp_path):
         assert isinstance(row[key], int) and row[key] >= 0, key
     assert row["spill"] == bool(row["spill_stores_bytes"] or row["spill_loads_bytes"])
     assert row["blocks"]["BLOCK_M"] >= 64 and row["num_warps"] >= 4  # the GPU's tiles, not the interpreter's
+
+
+def test_sparse_passes_smoke(tmp_path, one_thread_here):
+    """The topk threshold kernel and the entmax forward on a tiny random llama: SPEC-shaped rows, one per (kind,
+    alpha, layer), with their pass counts (a median of at most 3 per query block) and errors against the float64
+    references."""
+    import sparse_passes
+
+    before = results_snapshot()
+    rows = sparse_passes.main(["--smoke", "--last", "40", "--out", str(tmp_path)])
+    assert results_snapshot() == before, "the smoke run wrote into benchmarks/results"
+    lines = read_lines(tmp_path)
+    check_rows(lines, rows, "sparse_passes")
+    assert [(r["kind"], r["alpha"], r["layer"]) for r in rows] == [
+        ("topk", None, 0), ("entmax", 1.5, 0), ("entmax", 2.0, 0), ("topk", None, 1), ("entmax", 1.5, 1),
+        ("entmax", 2.0, 1)]
+    for row in rows:
+        assert (row["hq"], row["hkv"], row["n"], row["queries"], row["d"], row["heads"]) == (2, 2, 64, 32, 32, [0, 3])
+        assert 1 <= row["threshold_passes"] <= 3 <= row["threshold_passes_max"] and row["max_err"] < 1e-4
+        if row["kind"] == "topk":
+            assert row["mode"] == "threshold" and row["k"] == 8 and row["fallback_rows"] >= 0
+            assert row["passes"] > 0 and row["rows"] == 2 * 32  # each of the last 32 rows sees more than 8 keys
+            assert 0 <= row["skipped_block_fraction"] <= 1 and 0 < row["sweep_block_fraction"] <= 1
+        else:
+            assert row["mode"] == "forward" and 0 <= row["skipped_block_fraction"] <= 1
+            assert 0 < row["zero_weight_fraction"] < 1

@@ -179,7 +179,8 @@ def test_linear_eps():
 
 
 def test_supports_declines():
-    """Dense masks, softcap (taylor), float biases, big head dims and the hedgehog map are declined with a reason."""
+    """Dense masks, softcap (taylor), float biases, big head dims, an unknown feature map and the hedgehog map with
+    per-head key padding are declined with a reason."""
     q, k, v = make(1, 2, 1, 8, 8, 16)
     dense = Visibility(n=8, m=8, mask=torch.ones(1, 1, 1, 8, 8, dtype=torch.bool, device=DEV))
     padding = Visibility(n=8, m=8, mask=torch.ones(1, 1, 1, 1, 8, dtype=torch.bool, device=DEV))
@@ -196,10 +197,26 @@ def test_supports_declines():
         attnswap.attention(q, k, v, "taylor", impl="triton", softcap=5.0)
     with pytest.raises(AttnSwapError, match="dense mask"):
         attnswap.attention(q, k, v, "linear", impl="triton", mask=torch.ones(1, 1, 8, 8, dtype=torch.bool))
-    ok, why = linear_kernel.supports(q, k, v, padding, feature_map="hedgehog")
-    assert not ok and "ELU+1" in why and "hedgehog" in why
-    with pytest.raises(AttnSwapError, match="ELU"):  # the option reaches the check through dispatch
-        attnswap.attention(q, k, v, "linear", impl="triton", feature_map="hedgehog")
+    assert linear_kernel.supports(q, k, v, padding, feature_map="hedgehog")[0]
+    ok, why = linear_kernel.supports(q, k, v, padding, feature_map="cosine")
+    assert not ok and "cosine" in why and "hedgehog" in why
+    per_head = Visibility(n=8, m=8, mask=torch.ones(1, 1, 2, 1, 8, dtype=torch.bool, device=DEV))
+    assert linear_kernel.supports(q, k, v, per_head)[0]  # ELU+1: the sequential engine takes it
+    ok, why = linear_kernel.supports(q, k, v, per_head, feature_map="hedgehog")
+    assert not ok and "shared by all heads" in why
+
+
+def test_hedgehog_through_the_kernel():
+    """The hedgehog map (F = 2d) runs on the chunk-parallel engine through dispatch: equal to the reference, with
+    the gradients of q, k, v (the learned projection before it gets them through autograd)."""
+    q, k, v = (t.requires_grad_() for t in make(1, 4, 2, 21, 21, 16))
+    got = attnswap.attention(q, k, v, "linear", impl="triton", feature_map="hedgehog", causal=True)
+    want = attnswap.attention(q, k, v, "linear", impl="torch", feature_map="hedgehog", causal=True)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    g_got = torch.autograd.grad(got.square().sum(), (q, k, v))
+    g_want = torch.autograd.grad(want.square().sum(), (q, k, v))
+    for a, b in zip(g_got, g_want):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
 @settings(max_examples=8, deadline=None)

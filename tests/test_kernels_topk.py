@@ -256,3 +256,131 @@ def test_supports_declines_clearly():
 def test_random_shapes(hkv, groups, n, m, k_top, causal, window, seed):
     q, k, v = make(1, hkv * groups, hkv, n, m, 32, seed=seed)
     check(q, k, v, k_top, causal=causal, window=window)
+
+
+# ---------------------------------------------------------------- the few-pass select's own paths
+
+def crafted(values, scales, d=32):
+    """q, k, v (1, 1, ., d) with the scores of scaling 1 exactly s[i, j] = scales[i] * values[j] (dyadic values:
+    exact in fp32 and in every summation order)."""
+    values = torch.as_tensor(values, dtype=torch.float32)
+    scales = torch.as_tensor(scales, dtype=torch.float32)
+    q = torch.zeros(1, 1, scales.numel(), d)
+    k = torch.zeros(1, 1, values.numel(), d)
+    q[..., 0], k[..., 0] = scales, values
+    v = torch.randn(1, 1, values.numel(), d, generator=torch.Generator().manual_seed(0))
+    return [t.to(DEV) for t in (q, k, v)]
+
+
+def clustered_values(m, seed=0):
+    """m key values: three far above the rest, a dense cluster of 200 (in tied triples, 2^-12 apart) and low
+    ones, shuffled: the histogram's bin that holds the cluster holds more than CAP scores."""
+    cluster = 1.0 + torch.div(torch.arange(200), 3, rounding_mode="floor") * 2.0 ** -12
+    low = -64.0 + torch.arange(m - 203).float()
+    values = torch.cat([torch.tensor([100.0, 64.0, 50.0]), cluster, low])
+    return values[torch.randperm(m, generator=torch.Generator().manual_seed(seed))]
+
+
+def check_kth(q, k, k_top, sinks=None, **kw):
+    """kth_threshold equals the float64 reference exactly (the scores are exact); returns its stats."""
+    n, m = q.shape[2], k.shape[2]
+    s = reference_scores(q, k, 1.0)
+    vis = torch.ones(1, 1, n, m, dtype=torch.bool, device=DEV)
+    if kw.get("causal"):
+        vis = causal_visible(n, m, kw.get("offset", 0)).expand(1, 1, n, m)
+    if sinks is not None:
+        s = torch.cat([s, sinks.double().view(1, 1, 1, 1).expand(1, 1, n, 1)], -1)
+        vis = torch.cat([vis, torch.ones(1, 1, n, 1, dtype=torch.bool, device=DEV)], -1)
+    got, stats = kth_threshold(q, k, k_top=k_top, scaling=1.0, sinks=sinks, return_stats=True, **kw)
+    want = reference_kth(s, vis, k_top)
+    assert torch.equal(got.double(), want)
+    kept = ((s >= want[..., None]) & vis).sum(-1)
+    assert (kept >= min(k_top, 1)).all()
+    return stats, kept
+
+
+@pytest.mark.parametrize("sink", [None, 1.0 + 5 * 2.0 ** -12])
+def test_overflowing_bin_falls_back_exactly(sink):
+    """More than CAP scores in the k-th's bin: the search continues (bisection, then the bracket is collected)."""
+    m = 256
+    q, k, _ = crafted(clustered_values(m), 2.0 ** torch.arange(-2, 2).repeat(4))
+    sinks = None if sink is None else torch.tensor([sink]).to(DEV)
+    stats, kept = check_kth(q, k, 10, sinks=sinks, causal=True, offset=m - 16)
+    assert (kept > 10).any(), "the k-th score must be tied in some rows"
+    assert stats["fallback_rows"] > 0 and stats["threshold_passes_max"] > 3
+
+
+def test_tied_bin_needs_no_search():
+    """A bin of more than CAP equal scores holds the k-th: that value is the threshold, no further sweep."""
+    values = torch.cat([torch.tensor([9.0, 8.0, 7.0]), torch.ones(150), -10.0 - torch.arange(40).float()])
+    q, k, _ = crafted(values[torch.randperm(193, generator=torch.Generator().manual_seed(1))], torch.ones(5))
+    stats, kept = check_kth(q, k, 60)
+    assert kept.eq(153).all()
+    assert stats["threshold_passes"] == stats["threshold_passes_max"] == 3 and stats["fallback_rows"] == 0
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's numpy overflows on purpose here
+def test_unbinnable_range_searches_the_whole_row():
+    """Scores spanning more than fp32's range: no histogram; the bisection over the whole row is exact."""
+    values = torch.cat([torch.tensor([3e38, -3e38, 2e38]), torch.randn(60, generator=torch.Generator().manual_seed(2))])
+    q, k, _ = crafted(values, torch.ones(3))
+    for k_top in (2, 7):
+        stats, _ = check_kth(q, k, k_top)
+        assert stats["fallback_rows"] == 3
+
+
+def test_rows_seeing_at_most_k_keys():
+    """Rows that see <= k keys keep them all (-inf); a row block of only such rows takes a single sweep."""
+    q, k, _ = make(1, 1, 1, 40, 40, 32, seed=3)
+    thr, stats = kth_threshold(q, k, k_top=64, scaling=0.2, causal=True, return_stats=True)
+    assert torch.isneginf(thr).all() and stats["kept_fraction"] == 1.0
+    assert stats["threshold_passes"] == stats["threshold_passes_max"] == 1 and stats["passes"] == 0.0
+    s = reference_scores(q, k, 0.2)
+    vis = causal_visible(40, 40, 0).expand(1, 1, 40, 40)
+    thr, stats = kth_threshold(q, k, k_top=20, scaling=0.2, causal=True, return_stats=True)
+    want = reference_kth(s, vis, 20)
+    assert torch.equal(torch.isneginf(thr), torch.isneginf(want)) and torch.isneginf(thr[..., :20]).all()
+    torch.testing.assert_close(thr[..., 20:].double(), want[..., 20:], atol=1e-5, rtol=1e-5)
+    assert stats["threshold_passes"] == 3 and stats["threshold_passes_max"] == 3
+
+
+def test_stats_on_a_peaked_input():
+    """Peaked scores (a few keys far above the rest): three sweeps per row block, no fallback; the counts."""
+    b, hq, n, m, k_top = 1, 2, 48, 64, 8
+    q, k, v = make(b, hq, 1, n, m, 32, seed=4)
+    q = q * 3
+    _, stats = topk_attention(q, k, v, k_top=k_top, scaling=32 ** -0.5, causal=True, offset=m - n,
+                              return_stats=True)
+    assert set(stats) == {"threshold_passes", "threshold_passes_max", "passes", "fallback_rows", "kept_fraction",
+                          "sweep_block_fraction", "skipped_block_fraction"}
+    assert stats["threshold_passes"] <= 3 and stats["threshold_passes_max"] == 3
+    assert stats["fallback_rows"] == 0 and stats["passes"] == 2.0
+    s = reference_scores(q, k, 32 ** -0.5)
+    vis = causal_visible(n, m, m - n).expand(b, hq, n, m)
+    kept = ((s >= reference_kth(s, vis, k_top)[..., None]) & vis).sum(-1)
+    assert abs(stats["kept_fraction"] - float(kept.sum()) / float(vis.sum())) < 1e-12
+
+
+@settings(max_examples=4 if not CUDA else 20, deadline=None)
+@given(m=st.integers(20, 120), n=st.integers(1, 20), k_top=st.integers(1, 70), levels=st.integers(1, 6),
+       causal=st.booleans(), seed=st.integers(0, 100))
+def test_random_tied_scores(m, n, k_top, levels, causal, seed):
+    """Scores from a few levels (many ties, bins beyond CAP) at random k: always the reference's threshold."""
+    g = torch.Generator().manual_seed(seed)
+    values = torch.randint(0, levels, (m,), generator=g).float() * 0.5 + torch.randn(m, generator=g).round() * 2
+    q, k, _ = crafted(values, 2.0 ** torch.randint(-1, 2, (n,), generator=g).float())
+    check_kth(q, k, k_top, causal=causal, offset=max(m - n, 0))
+
+
+def test_blocks_without_candidates_are_skipped():
+    """Key blocks whose largest score lies below every row's target bin are not visited by the collection sweep,
+    and blocks below every row's threshold are counted as holding no kept key; the threshold stays exact."""
+    g = torch.Generator().manual_seed(5)
+    values = torch.randint(-5, 6, (96,), generator=g).float()  # six 16-key blocks (the interpreter's tiles)
+    values[torch.randperm(16, generator=g)[:8]] = 20.0 + torch.arange(8).float()  # the top 8, all in block 0
+    q, k, _ = crafted(values, 2.0 ** torch.randint(0, 2, (16,), generator=g).float())  # row scales 1 or 2
+    stats, kept = check_kth(q, k, 8)
+    assert kept.eq(8).all()  # a block's largest score (<= 10) is below every row's threshold (>= 20)
+    assert stats["skipped_block_fraction"] == 5 / 6  # blocks 1-5 hold no kept key of any row
+    assert stats["sweep_block_fraction"] == (6 + 1) / 12  # the histogram visits all, the collection block 0 only
+    assert stats["threshold_passes"] == 3 and stats["fallback_rows"] == 0

@@ -16,6 +16,8 @@ that one block map serves them all:
 A sink logit (sinks, (Hq,)) is an extra always-visible column: it joins the threshold search and the
 normalization, then its weight is dropped; dsinks = -sum_rows g_sink delta (PyTorch, fp32).
 Rows with nothing visible give o = 0 and zero gradients, never NaN.
+Generation shapes (n <= 16 queries against a long cache) with no gradient wanted go to the split-KV path of
+``entmax_decode`` instead (``entmax_attention`` routes; ``entmax_forward`` itself never does).
 """
 
 from __future__ import annotations
@@ -24,10 +26,11 @@ import torch
 import triton
 import triton.language as tl
 
+from .entmax_decode import decode_forward, decode_stats, use_decode
 from .entmax_threshold import OUTSIDE_BAND, POW_GENERAL, power_mode, powers, tau_kernel, z_tile
 from .select_tiles import CAP, NUM_BINS
-from .tiles import (check_shapes, common_support, dot_f32, dot_prec, load_cols, load_rows, mask_view, scores,
-                    split_heads, visible)
+from .tiles import (check_shapes, common_support, dot_f32, dot_prec, load_cols, load_rows, mask_view, row_block,
+                    scores, split_heads, visible)
 from .tuning import candidates, interpreting
 
 MAX_ITER = 64  # Newton passes at most (each a pass over the key band)
@@ -44,12 +47,8 @@ def _out_kernel(Q, K, V, O, SINKS, MASK, TAU, KB_LIST, KB_COUNT, RDEN, U, GSUM, 
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """o (in O's dtype), 1 / sum p (RDEN), support size per row; with NEED_GRAD also U = sum g v, GSUM = sum g."""
     qb = tl.program_id(0)
-    start_m = qb * BLOCK_M
     bh = tl.program_id(1)
-    b, h, hk = split_heads(bh, H_Q, GROUPS)
-    offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, D_PAD)
-    row_ok = offs_m < N_Q
+    b, h, hk, offs_m, offs_d, row_ok = row_block(qb, bh, H_Q, GROUPS, N_Q, BLOCK_M, D_PAD)
     tile_ok = row_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
     q = load_rows(Q + b * sqb + h * sqh, offs_m, offs_d, sqn, sqd, N_Q, HEAD_DIM, DOT_F32)
     row = bh.to(tl.int64) * N_Q + offs_m
@@ -162,12 +161,8 @@ def _dq_kernel(Q, K, V, DO, TAU, DELTA, KB_LIST, KB_COUNT, DQ, MASK,
                DOT_PREC: tl.constexpr, DOT_F32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """dq of one query block and query head, over the active key blocks of its band."""
     qb = tl.program_id(0)
-    start_m = qb * BLOCK_M
     bh = tl.program_id(1)
-    b, h, hk = split_heads(bh, H_Q, GROUPS)
-    offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, D_PAD)
-    m_ok = offs_m < N_Q
+    b, h, hk, offs_m, offs_d, m_ok = row_block(qb, bh, H_Q, GROUPS, N_Q, BLOCK_M, D_PAD)
     tile_ok = m_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
     q = load_rows(Q + b * sqb + h * sqh, offs_m, offs_d, sqn, sqd, N_Q, HEAD_DIM, DOT_F32)
     do = load_rows(DO + b * sdob + h * sdoh, offs_m, offs_d, sdon, sdod, N_Q, HEAD_DIM, DOT_F32)
@@ -413,9 +408,16 @@ def entmax_attention(q, k, v, *, alpha, scaling, causal=False, offset=0, window=
     the keys before the output pass) and "threshold_passes_max"}.
 
     q (b, Hq, n, d); k, v (b, Hkv, m, d); query i sits at key position i + offset; ``mask`` bool broadcastable to
-    (b, Hq, n, m), True = visible; ``sinks`` (Hq,) logits. alpha in (1, 2]."""
+    (b, Hq, n, m), True = visible; ``sinks`` (Hq,) logits. alpha in (1, 2]. Generation shapes (n <= 16 queries
+    against a long cache) with no gradient wanted take the split-KV path of ``entmax_decode`` (``use_decode``);
+    there the only pass over the keys before the output pass is the score pass (threshold_passes 1)."""
+    alpha = _check_alpha(alpha)
+    if use_decode(q, k, v, sinks, causal=causal, offset=offset, window=window):  # generation: split-KV, no grad
+        o, saved = decode_forward(q, k, v, alpha=alpha, scaling=scaling, causal=causal, offset=offset,
+                                  window=window, softcap=softcap, sinks=sinks, mask=mask)
+        return (o, decode_stats(saved)) if return_stats else o
     stats = {} if return_stats else None
-    o = _FlashEntmax.apply(q, k, v, sinks, mask, _check_alpha(alpha), float(scaling), bool(causal), int(offset),
+    o = _FlashEntmax.apply(q, k, v, sinks, mask, alpha, float(scaling), bool(causal), int(offset),
                            window, None if softcap is None else float(softcap), stats)
     return (o, stats) if return_stats else o
 

@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 
 from .select_tiles import CAP, NUM_BINS, bin_counts, bin_index, collect
-from .tiles import key_band, load_cols, load_rows, scores, split_heads, visible
+from .tiles import key_band, load_cols, load_rows, row_block, scores, visible
 
 # powers of u = [z - tau]_+ : MODE 0 is alpha = 2 (e = 1), MODE 1 alpha = 1.5 (e = 2), MODE 2 any other alpha
 POW_SPARSEMAX, POW_ONE_HALF, POW_GENERAL = 0, 1, 2
@@ -307,10 +307,7 @@ def tau_kernel(Q, K, SINKS, MASK, TAU, COUNT, BMAP, BMAX, SCRATCH, PASSES,
     qb = tl.program_id(0)
     start_m = qb * BLOCK_M
     bh = tl.program_id(1)
-    b, h, hk = split_heads(bh, H_Q, GROUPS)
-    offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, D_PAD)
-    row_ok = offs_m < N_Q
+    b, h, hk, offs_m, offs_d, row_ok = row_block(qb, bh, H_Q, GROUPS, N_Q, BLOCK_M, D_PAD)
     q = load_rows(Q + b * sqb + h * sqh, offs_m, offs_d, sqn, sqd, N_Q, HEAD_DIM, DOT_F32)
     k_base = K + b * skb + hk * skh
     mask_base = MASK + b * smb + h * smh

@@ -24,8 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .tiles import (dot_f32, dot_prec, key_band, load_cols, load_rows, mask_view, query_band, split_heads, tanh,
-                    visible)
+from .tiles import (dot_f32, dot_prec, key_band, load_cols, load_rows, mask_view, query_band, row_block,
+                    split_heads, tanh, visible)
 from .tuning import configs, interpreting, pruner
 
 
@@ -118,10 +118,7 @@ def _bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, MASK, THR,
             HAS_THRESHOLD: tl.constexpr = False):
     start_m = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1)
-    b, h, hk = split_heads(bh, H_Q, GROUPS)
-    offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, D_PAD)
-    m_ok = offs_m < N_Q
+    b, h, hk, offs_m, offs_d, m_ok = row_block(tl.program_id(0), bh, H_Q, GROUPS, N_Q, BLOCK_M, D_PAD)
     row_ok = m_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
     q = load_rows(Q + b * sqb + h * sqh, offs_m, offs_d, sqn, sqd, N_Q, HEAD_DIM, DOT_F32)
     do = load_rows(DO + b * sdob + h * sdoh, offs_m, offs_d, sdon, sdod, N_Q, HEAD_DIM, DOT_F32)
@@ -168,10 +165,12 @@ _DKDV_CONFIGS = configs([(32, 128, 8, 3), (64, 128, 8, 3), (32, 64, 4, 3), (64, 
 _DQ_CONFIGS = configs([(128, 32, 8, 3), (128, 64, 8, 3), (64, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 2),
                        (64, 16, 4, 2), (32, 16, 4, 2), (16, 16, 2, 1)])
 # wide heads and fp32 keep to tiles of at most 32 x 64 and two stages; at head dim 128 the dk/dv configs
-# (64, 64, 4 warps) and (64, 128, 8 warps) spill 230-550 B of registers on sm_90 (benchmarks/compile_stats.py)
+# (64, 64, 4 warps) and (64, 128, 8 warps) spill 230-550 B of registers on sm_90 and (32, 64, 4 warps) 8-24 B;
+# with a topk threshold the largest ones spill 4-84 B (benchmarks/compile_stats.py)
 _prune = pruner(lambda bm, bn, stages: bm * bn > 32 * 64 or stages > 2)
 _prune_dkdv = pruner(lambda bm, bn, stages: bm * bn > 32 * 64 or stages > 2,
-                     spills_wide={(64, 64, 4, 3), (64, 64, 4, 2), (64, 128, 8, 3)})
+                     spills_wide={(64, 64, 4, 3), (64, 64, 4, 2), (64, 128, 8, 3), (32, 64, 4, 3), (32, 64, 4, 2)},
+                     variant_spills={"HAS_THRESHOLD": ({(64, 128, 8, 3), (64, 64, 4, 3)}, {(32, 128, 8, 3)})})
 
 
 _KEY = ["N_Q_KEY", "N_K_KEY", "HEAD_DIM", "GROUPS", "IS_CAUSAL", "HAS_WINDOW", "HAS_MASK", "HAS_SOFTCAP",

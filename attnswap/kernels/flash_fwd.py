@@ -26,7 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .tiles import HEAD_DIMS, LOG2E, check_shapes, dot_f32, dot_prec, mask_strides, tanh  # noqa: F401  (re-exported)
+from .tiles import (HEAD_DIMS, LOG2E, check_shapes, dot_f32, dot_prec, load_rows, mask_strides,  # noqa: F401
+                    row_block, tanh)  # (HEAD_DIMS, LOG2E re-exported)
 from .tuning import configs, interpreting, pruner
 
 
@@ -140,23 +141,12 @@ def _fwd_kernel(Q, K, V, O, LSE, SINKS, MASK, THR,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_THRESHOLD: tl.constexpr = False):
     start_m = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1)
-    b = (bh // H_Q).to(tl.int64)
-    h = bh % H_Q
-    hk = (h // GROUPS).to(tl.int64)
-    g = h % GROUPS
-    h64 = h.to(tl.int64)
-
-    offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, D_PAD)
-    row_ok = offs_m < N_Q
+    b, h, hk, offs_m, offs_d, row_ok = row_block(tl.program_id(0), bh, H_Q, GROUPS, N_Q, BLOCK_M, D_PAD)
     d_ok = offs_d < HEAD_DIM
-    q = tl.load(Q + b * sqb + h64 * sqh + offs_m[:, None] * sqn + offs_d[None, :] * sqd,
-                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-    if DOT_F32:
-        q = q.to(tl.float32)
+    q = load_rows(Q + b * sqb + h * sqh, offs_m, offs_d, sqn, sqd, N_Q, HEAD_DIM, DOT_F32)
     k_base = K + b * skb + hk * skh
     v_base = V + b * svb + hk * svh
-    mask_rows = MASK + b * smb + hk * smkv + g.to(tl.int64) * smg + offs_m.to(tl.int64) * smn
+    mask_rows = MASK + b * smb + hk * smkv + (h % GROUPS) * smg + offs_m.to(tl.int64) * smn
 
     # key range of the block (multiples of BLOCK_N are kept non-negative before dividing)
     lo = 0
@@ -194,7 +184,7 @@ def _fwd_kernel(Q, K, V, O, LSE, SINKS, MASK, THR,
                                 True, IS_CAUSAL, HAS_WINDOW, HAS_MASK, HAS_SOFTCAP, HEAD_DIM, D_PAD, DOT_PREC,
                                 DOT_F32, BLOCK_N, HAS_THRESHOLD)
     o, lse = _finish(acc, l_i, m_i, SINKS + h, HAS_SINKS, thr, HAS_THRESHOLD)
-    tl.store(O + b * sob + h64 * soh + offs_m[:, None] * son + offs_d[None, :] * sod, o.to(O.dtype.element_ty),
+    tl.store(O + b * sob + h * soh + offs_m[:, None] * son + offs_d[None, :] * sod, o.to(O.dtype.element_ty),
              mask=row_ok[:, None] & d_ok[None, :])
     tl.store(LSE + bh.to(tl.int64) * N_Q + offs_m, lse, mask=row_ok)
 
@@ -204,8 +194,11 @@ def _fwd_kernel(Q, K, V, O, LSE, SINKS, MASK, THR,
 _CONFIGS = configs([(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (64, 64, 4, 2),
                     (64, 32, 4, 2), (32, 32, 4, 2), (16, 32, 4, 2), (16, 16, 2, 1)])
 # wide heads and fp32 keep to tiles of at most 64 x 64 and two stages (shared memory); at head dim 128,
-# (128, 64, 4 warps, 3 stages) spills ~600 B of registers on sm_90 (benchmarks/results/sm90-compile.jsonl)
-_prune = pruner(lambda bm, bn, stages: bn > 64 or bm * bn > 64 * 64 or stages > 2, spills_wide={(128, 64, 4, 3)})
+# (128, 64, 4 warps, 3 stages) spills ~600 B of registers on sm_90, and with a topk threshold (one more row vector
+# and compare per tile) the largest tiles spill 4-144 B (benchmarks/results/sm90-compile.jsonl)
+_prune = pruner(lambda bm, bn, stages: bn > 64 or bm * bn > 64 * 64 or stages > 2, spills_wide={(128, 64, 4, 3)},
+                variant_spills={"HAS_THRESHOLD": ({(128, 128, 8, 3), (128, 64, 4, 3)},
+                                                  {(128, 64, 8, 3), (64, 64, 4, 3), (64, 64, 4, 2)})})
 
 
 # Tuned per (next_pow2(n), next_pow2(m), head dim, structure): a new length in the same bucket reuses the choice.

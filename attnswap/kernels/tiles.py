@@ -48,6 +48,15 @@ def split_heads(pid, H, GROUPS):
 
 
 @triton.jit
+def row_block(pid_m, pid_bh, H, GROUPS, N_Q, BLOCK_M: tl.constexpr, D_PAD: tl.constexpr):
+    """A query-block program's coordinates: (b, h, kv head, offs_m, offs_d, row_ok) for query block ``pid_m`` of
+    (batch row x head) ``pid_bh`` (``split_heads``); rows past N_Q are not ``row_ok``."""
+    b, h, hk = split_heads(pid_bh, H, GROUPS)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    return b, h, hk, offs_m, tl.arange(0, D_PAD), offs_m < N_Q
+
+
+@triton.jit
 def load_rows(base, offs, offs_d, s_row, s_d, N, HEAD_DIM: tl.constexpr, DOT_F32: tl.constexpr):
     """(len(offs), D_PAD) tile of rows ``offs`` of an (N, HEAD_DIM) matrix at ``base`` (q, k, v, do), zero past N
     and the head dim; fp32 when ``DOT_F32`` (the interpreter's bf16 dot)."""

@@ -32,22 +32,31 @@ def configs(shapes) -> list:
             for bm, bn, w, s in candidates(shapes)]
 
 
-def pruner(heavy, spills_wide=()):
+def pruner(heavy, spills_wide=(), variant_spills=None):
     """An ``early_config_prune`` that drops tiles larger than the sequence lengths (rounded up to a power of two),
-    for wide heads (padded head dim >= 256) or fp32 inputs the configs ``heavy(bm, bn, stages)`` flags, and for
-    padded head dims >= 128 the (BLOCK_M, BLOCK_N, num_warps, num_stages) in ``spills_wide`` (measured to spill
-    registers on sm_90: ``benchmarks/compile_stats.py``)."""
+    for wide heads (padded head dim >= 256) or fp32 inputs the configs ``heavy(bm, bn, stages)`` flags, and the
+    (BLOCK_M, BLOCK_N, num_warps, num_stages) measured to spill registers on sm_90 (``benchmarks/compile_stats.py``):
+    ``spills_wide`` for padded head dims >= 128; ``variant_spills`` {constexpr flag: (at any head dim, at >= 128)}
+    for the launches that set that flag (a variant that holds more per tile, e.g. ``HAS_THRESHOLD``)."""
+    variants = dict(variant_spills or {})
+
+    def spilling(key, d_pad, flags):
+        if d_pad >= 128 and key in spills_wide:
+            return True
+        return any(flags.get(flag) and (key in every or (d_pad >= 128 and key in wide))
+                   for flag, (every, wide) in variants.items())
 
     def prune(configs, named_args, **kwargs):
         n, m = named_args["N_Q"], named_args["N_K"]
         d_pad = kwargs.get("D_PAD", named_args.get("D_PAD", 128))
+        flags = {flag: kwargs.get(flag, named_args.get(flag, False)) for flag in variants}
         tight = d_pad >= 256 or named_args["Q"].dtype == torch.float32
         cap_m, cap_n = max(16, triton.next_power_of_2(n)), max(16, triton.next_power_of_2(m))
         kept = [c for c in configs
                 if c.kwargs["BLOCK_M"] <= cap_m and c.kwargs["BLOCK_N"] <= cap_n
                 and not (tight and heavy(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_stages))
-                and not (d_pad >= 128 and (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
-                         in spills_wide)]
+                and not spilling((c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages), d_pad,
+                                 flags)]
         return kept or [triton.Config(dict(INTERPRETER_BLOCKS), num_warps=2, num_stages=1)]
 
     return prune

@@ -60,20 +60,14 @@ def _sorted_root(z: torch.Tensor, e: float, target: float) -> torch.Tensor:
 
 
 @torch.no_grad()
-def entmax_weights(s: torch.Tensor, visible: torch.Tensor | None, alpha: float, *, overwrite: bool = False
-                   ) -> torch.Tensor:
-    """The entmax weights of score rows ``s`` (..., m) over ``visible`` (bool, broadcastable, or None); with
-    ``overwrite`` they are computed in ``s``'s own memory.
+def solve_threshold(x: torch.Tensor, e: float, target: float) -> torch.Tensor:
+    """The root t (..., 1) of sum_j [x_j - t]_+^e = ``target`` for each row of ``x`` (..., m), hidden entries -inf
+    (rows with nothing visible get t = 0); ``x`` is left as it is. e = 1 / (alpha - 1).
 
-    Solved in score units: [(alpha-1)s - tau]_+^e = (alpha-1)^e [s - t]_+^e with t = tau / (alpha-1), and the
-    constant factor cancels in the normalization, so t is the root of sum_j [s_j - t]_+^e = (alpha-1)^-e.
-    t is first found on each row's ``SUPPORT_GUESS`` largest scores alone (a small problem: one selection pass,
-    see ``attnswap.kinds.select``). When that root lies at or above the smallest of them, every other score is
+    t is first found on each row's ``SUPPORT_GUESS`` largest values alone (a small problem: one selection pass,
+    see ``attnswap.kinds.select``). When that root lies at or above the smallest of them, every other value is
     below it too, so it is the root of the whole row, exactly. The few rows whose support is wider continue alone on
-    all their keys from there (a valid start: the partial sum never exceeds the full one, so f >= 0 there)."""
-    e = 1.0 / (alpha - 1.0)
-    target = (alpha - 1.0) ** -e
-    x = s if visible is None else s.masked_fill(~visible, float("-inf"))
+    all their values from there (a valid start: the partial sum never exceeds the full one, so f >= 0 there)."""
     guess = min(SUPPORT_GUESS, x.shape[-1])
     closed_form = e in (1.0, 2.0)
     top = top_values(x, guess, sorted=closed_form) if guess < x.shape[-1] else x
@@ -90,6 +84,22 @@ def entmax_weights(s: torch.Tensor, visible: torch.Tensor | None, alpha: float, 
             rows, t = x.reshape(-1, x.shape[-1]), t.clone()
             flat = t.view(-1, 1)
             flat[wider] = _newton(rows[wider], flat[wider], e, target, empty.reshape(-1, 1)[wider])
+    return t
+
+
+@torch.no_grad()
+def entmax_weights(s: torch.Tensor, visible: torch.Tensor | None, alpha: float, *, overwrite: bool = False
+                   ) -> torch.Tensor:
+    """The entmax weights of score rows ``s`` (..., m) over ``visible`` (bool, broadcastable, or None); with
+    ``overwrite`` they are computed in ``s``'s own memory.
+
+    Solved in score units: [(alpha-1)s - tau]_+^e = (alpha-1)^e [s - t]_+^e with t = tau / (alpha-1), and the
+    constant factor cancels in the normalization, so t is the root of sum_j [s_j - t]_+^e = (alpha-1)^-e
+    (``solve_threshold``)."""
+    e = 1.0 / (alpha - 1.0)
+    target = (alpha - 1.0) ** -e
+    x = s if visible is None else s.masked_fill(~visible, float("-inf"))
+    t = solve_threshold(x, e, target)
     p = (x.sub_(t) if overwrite or x is not s else x - t).clamp_min_(0)
     p = p if e == 1.0 else (p.square_() if e == 2.0 else p.pow_(e))
     den = p.sum(-1, keepdim=True)

@@ -12,7 +12,35 @@ from .dispatch import IMPLS, run
 from .errors import AttnSwapError
 from .kinds.chunked import scored_attention
 from .kinds.visibility import Visibility, gqa_mask
-from .patches.swap import SwapHandle, restore_attention, swap_attention, swapped  # noqa: F401
+from .patches import swap as _swap
+from .patches.swap import SwapHandle, restore_attention, swapped  # noqa: F401
+
+
+def swap_attention(model: torch.nn.Module, kind: str, *, layers=None, impl: str = "auto", layer_options=None,
+                   calibrate=None, **options) -> SwapHandle:
+    """Swap the attention of ``model`` (in place) for ``kind`` with ``options``; returns a handle that undoes it.
+
+    ``layers``: indices of the attention layers to swap (model order); the rest keep the model's own attention.
+    ``layer_options``: {layer: {option: value}} for layers that differ from ``options`` (e.g. a per-head
+    ``score_scale``). ``calibrate``: token ids (or text, with the model's tokenizer passed as
+    ``calibrate=(text, tokenizer)``, or a dict of ``attnswap.calibrate``'s arguments with ``data``) to fit
+    per-layer, per-head score scales on (see ``attnswap.calibrate``).
+    Swapping a swapped model replaces the earlier swap.
+    """
+    if calibrate is None:
+        return _swap.swap_attention(model, kind, layers=layers, impl=impl, layer_options=layer_options, **options)
+    from .adapt.calibrate import calibrate as fit  # the convenience sits above both patches and adapt
+
+    if layer_options:
+        raise AttnSwapError("swap_attention takes layer_options or calibrate=, not both: calibration fits the "
+                            "per-layer options itself")
+    if isinstance(calibrate, dict):  # {"data": ..., "tokenizer": ..., "window": ..., "max_windows": ...}
+        settings = dict(calibrate)
+        data = settings.pop("data", None)
+    else:
+        data, tokenizer = calibrate if isinstance(calibrate, tuple) else (calibrate, None)
+        settings = {"tokenizer": tokenizer}
+    return fit(model, kind, data, layers=layers, impl=impl, **settings, **options)
 
 
 def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kind: str = "softmax", *,

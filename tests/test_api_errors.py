@@ -174,3 +174,22 @@ def test_swap_replaces_and_context_manager_restores_previous_swap():
         attnswap.restore_attention(model)
         attnswap.restore_attention(model)  # a second restore is a no-op
         assert torch.equal(model(input_ids=ids).logits, ref)
+
+
+def test_layers_stay_one_way_and_calibrate_takes_no_layer_options():
+    """The transformers layer (``attnswap.patches``) never imports the adaptation layer (``attnswap.adapt``):
+    ``swap_attention(calibrate=...)`` is the public API's convenience above both. Calibration fits the per-layer
+    options, so passing them as well is an error, not silently ignored."""
+    import ast
+    from pathlib import Path
+
+    patches = Path(attnswap.__file__).parent / "patches"
+    for source in patches.glob("*.py"):
+        for node in ast.walk(ast.parse(source.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                assert not (node.module or "").startswith(("adapt", "attnswap.adapt")), f"{source.name} imports adapt"
+                assert not (node.level == 2 and node.module in ("adapt", None)
+                            and any(a.name == "adapt" for a in node.names)), f"{source.name} imports adapt"
+    with pytest.raises(AttnSwapError, match="layer_options or calibrate"):
+        attnswap.swap_attention(tiny_llama(), "sparsemax", calibrate=torch.zeros(1, 8, dtype=torch.long),
+                                layer_options={0: {"score_scale": 2.0}})

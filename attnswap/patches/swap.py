@@ -167,26 +167,14 @@ class SwapHandle:
 
 
 def swap_attention(model: torch.nn.Module, kind: str, *, layers=None, impl: str = "auto", layer_options=None,
-                   calibrate=None, **options) -> SwapHandle:
+                   **options) -> SwapHandle:
     """Swap the attention of ``model`` (in place) for ``kind`` with ``options``; returns a handle that undoes it.
 
     ``layers``: indices of the attention layers to swap (model order); the rest keep the model's own attention.
     ``layer_options``: {layer: {option: value}} for layers that differ from ``options`` (e.g. a per-head
-    ``score_scale``). ``calibrate``: token ids (or text, with the model's tokenizer passed as
-    ``calibrate=(text, tokenizer)``, or a dict of ``attnswap.calibrate``'s arguments with ``data``) to fit
-    per-layer, per-head score scales on (see ``attnswap.calibrate``).
-    Swapping a swapped model replaces the earlier swap.
+    ``score_scale``). Swapping a swapped model replaces the earlier swap. (The public ``attnswap.swap_attention``
+    adds ``calibrate=``, which lives above this layer, in ``attnswap.adapt``.)
     """
-    if calibrate is not None:
-        from ..adapt.calibrate import calibrate as fit
-
-        if isinstance(calibrate, dict):  # {"data": ..., "tokenizer": ..., "window": ..., "max_windows": ...}
-            settings = dict(calibrate)
-            data = settings.pop("data", None)
-        else:
-            data, tokenizer = calibrate if isinstance(calibrate, tuple) else (calibrate, None)
-            settings = {"tokenizer": tokenizer}
-        return fit(model, kind, data, layers=layers, impl=impl, **settings, **options)
     kind_obj, resolved = registry.resolve(kind, options)
     if impl not in IMPLS:
         raise AttnSwapError(f"impl must be one of {list(IMPLS)}, got {impl!r}")

@@ -1,4 +1,4 @@
-"""The ``attnswap`` command: ``kinds``, ``eval ppl|latency|entropy|all``, ``demo``, ``lm-eval``."""
+"""The ``attnswap`` command: ``kinds``, ``eval ppl|latency|entropy|retrieval|focus|all``, ``demo``, ``lm-eval``."""
 
 from __future__ import annotations
 
@@ -24,6 +24,12 @@ ENTROPY_COLUMNS = [("attention", "attention", None), ("entropy", "entropy (nats)
 LATENCY_COLUMNS = [("attention", "attention", None), ("batch", "batch", None), ("context", "context", None),
                    ("prefill_ms", "prefill ms", ".1f"), ("decode_tok_s", "decode tok/s", ".1f"),
                    ("peak_mem_mb", "peak MB", ".0f"), ("cache_mb", "cache MB", ".1f")]
+FOCUS_COLUMNS = [("attention", "attention", None), ("context", "context", None),
+                 ("entropy", "entropy (nats)", ".3f"), ("normalized_entropy", "normalized", ".3f"),
+                 ("max_weight", "max weight", ".3f"), ("effective_tokens", "eff. tokens", ".1f"),
+                 ("sparsity", "zero frac.", ".3f")]
+LATENCY_CONTEXTS = [512, 1024, 2048]
+EVALS = ("ppl", "latency", "entropy", "retrieval", "focus")
 
 
 def _main_process() -> bool:
@@ -87,16 +93,23 @@ def run_eval(args, what: set[str]) -> int:
         tables.append(("Attention statistics (means over layers, heads and queries)",
                        markdown_table(rows, ENTROPY_COLUMNS)))
     if "latency" in what and main:
-        say(f"latency: contexts {args.contexts}, batch sizes {args.batch_sizes}, {args.new_tokens} new tokens")
-        latency = runner.run_latency(model, specs, contexts=args.contexts, batch_sizes=args.batch_sizes,
+        contexts = _latency_contexts(args)
+        say(f"latency: contexts {contexts}, batch sizes {args.batch_sizes}, {args.new_tokens} new tokens")
+        latency = runner.run_latency(model, specs, contexts=contexts, batch_sizes=args.batch_sizes,
                                      new_tokens=args.new_tokens, repeats=args.repeats, writer=writer, show=main)
         rows = [{"attention": label, **r} for label, records in latency.items() for r in records]
         say(format_table(rows, LATENCY_COLUMNS))
         tables.append(("Latency", markdown_table(rows, LATENCY_COLUMNS)))
+    retrieval_rows, focus_rows = None, None
+    if "retrieval" in what and main:
+        retrieval_rows = _retrieval(args, model, tokenizer, specs, text, source, writer, say, tables)
+    if "focus" in what and main and not getattr(args, "interrupted", False):
+        focus_rows = _focus(args, model, tokenizer, specs, text, source, writer, say, tables)
     if main:
         writer.write_markdown(f"attnswap eval ({os.path.basename(str(args.model or 'SmolLM2-135M-Instruct'))})",
                               tables)
-        for path in _plots(args.out, ppl_rows, stats, latency):
+        for path in _plots(args.out, ppl_rows, stats, latency) + _long_context_plots(args.out, retrieval_rows,
+                                                                                        focus_rows):
             say(f"wrote {path}")
         say(f"wrote {os.path.join(args.out, 'results.json')} and results.md")
     return 0
@@ -119,8 +132,107 @@ def _plots(out, ppl_rows, stats, latency) -> list[str]:
     return paths
 
 
+def _retrieval(args, model, tokenizer, specs, text, source, writer, say, tables) -> list[dict]:
+    """``eval retrieval``: the grid, its tables (one row per attention and context, a column per depth)."""
+    from .evals import runner
+    from .evals.report import format_table, markdown_table
+    from .evals.retrieval import DEFAULT_DEPTHS, default_contexts
+
+    contexts = _contexts_of(args, "retrieval") or default_contexts(model)
+    depths = args.depths or list(DEFAULT_DEPTHS)
+    say(f"retrieval at depth: {args.fact} in {source}, contexts {contexts}, depths "
+        f"{', '.join(f'{d:g}%' for d in depths)}, {args.trials} trials, {args.distractors} distractors, "
+        f"seed {args.seed}")
+    rows, complete = runner.run_retrieval(model, tokenizer, specs, text=text, contexts=contexts,
+                                          depths=depths, trials=args.trials, seed=args.seed, fact=args.fact,
+                                          distractors=args.distractors, digits=args.digits, writer=writer)
+    if not complete:
+        args.interrupted = True
+        say(f"interrupted: kept the {len(rows)} rows measured")
+    table, columns = retrieval_table(rows)
+    say(format_table(table, columns))
+    tables.append(("Retrieval at depth (graded score: 1 = true answer ranked first among "
+                   f"{args.distractors + 1} candidates, 0.5 = chance; exact = greedy answer correct)",
+                   markdown_table(table, columns)))
+    return rows
+
+
+def retrieval_table(rows: list[dict]) -> tuple[list[dict], list]:
+    """Rows (attention, context) with the mean graded score per depth, then the exact-match and top-1 rates."""
+    from .evals.retrieval import summarize
+
+    summary = summarize(rows)
+    depths = sorted({r["depth"] for r in rows})
+    table = []
+    for label, entry in summary.items():
+        for context in entry["contexts"]:
+            line = {"attention": label, "context": context, **entry["by_context"][context]}
+            for depth in depths:
+                cell = entry["grid"].get((context, depth))
+                line[f"depth {depth:g}%"] = None if cell is None else cell["graded"]
+            table.append(line)
+    columns = ([("attention", "attention", None), ("context", "context", None)]
+               + [(f"depth {d:g}%", f"{d:g}%", ".2f") for d in depths]
+               + [("graded", "graded", ".2f"), ("top1", "top-1", ".0%"), ("exact", "exact", ".0%")])
+    return table, columns
+
+
+def _focus(args, model, tokenizer, specs, text, source, writer, say, tables) -> list[dict]:
+    """``eval focus``: attention statistics at each context length, the model's own attention first."""
+    from .evals import runner
+    from .evals.focus import default_contexts
+    from .evals.own_attention import unobservable
+    from .evals.report import format_table, markdown_table
+
+    contexts = _contexts_of(args, "focus") or default_contexts(model)
+    ids = runner.tokenize(tokenizer, text, max(contexts))
+    reason = unobservable(model)
+    if reason:
+        say(f"focus: no row for the model's own attention: {reason}")
+    say(f"attention focus: {source}, contexts {contexts}, per layer x head, from each kind's own weights")
+    rows, complete = runner.run_focus(model, ids, specs, contexts=contexts, own=not reason, writer=writer)
+    if not complete:
+        say(f"interrupted: kept the {len(rows)} rows measured")
+    say(format_table(rows, FOCUS_COLUMNS))
+    tables.append(("Attention focus versus context length (means over layers, heads and queries)",
+                   markdown_table(rows, FOCUS_COLUMNS)))
+    return rows
+
+
+def _contexts_of(args, what: str) -> list[int] | None:
+    """The context lengths of ``eval retrieval`` / ``eval focus``: ``--retrieval-contexts`` / ``--focus-contexts``,
+    else ``--contexts`` when that eval runs alone (under ``eval all``, ``--contexts`` stays latency's)."""
+    own = getattr(args, f"{what}_contexts", None)
+    return own or (args.contexts if getattr(args, "what", None) == what else None)
+
+
+def _long_context_plots(out, retrieval_rows, focus_rows) -> list[str]:
+    from .evals import plots
+    from .evals.retrieval import summarize
+
+    paths = []
+    if retrieval_rows:
+        summary = summarize(retrieval_rows)
+        contexts = sorted({r["context"] for r in retrieval_rows})
+        depths = sorted({r["depth"] for r in retrieval_rows})
+        for key, name, file in (("graded", "graded score (0.5 = chance)", "retrieval.png"),
+                                ("exact", "exact match rate (greedy)", "retrieval_exact.png")):
+            grids = {label: [[(entry["grid"].get((c, d)) or {}).get(key) for d in depths] for c in contexts]
+                     for label, entry in summary.items()}
+            paths.append(plots.grid_heatmaps(grids, os.path.join(out, file), row_labels=contexts,
+                                             col_labels=[f"{d:g}%" for d in depths], ylabel="context (tokens)",
+                                             xlabel="depth of the fact", metric_name=name))
+    if focus_rows:
+        paths.append(plots.focus_plot(focus_rows, os.path.join(out, "focus.png")))
+    return paths
+
+
+def _latency_contexts(args) -> list[int]:
+    return args.contexts or LATENCY_CONTEXTS
+
+
 def cmd_eval(args) -> int:
-    what = {"ppl", "latency", "entropy"} if args.what == "all" else {args.what}
+    what = set(EVALS) if args.what == "all" else {args.what}
     return run_eval(args, what)
 
 
@@ -219,6 +331,13 @@ def _csv_ints(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
+def _csv_floats(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
 def _add_eval_args(p, *, demo: bool = False) -> None:
     if not demo:
         p.add_argument("--model", default=None, help="a Hugging Face model folder (default: SmolLM2-135M-Instruct)")
@@ -233,7 +352,23 @@ def _add_eval_args(p, *, demo: bool = False) -> None:
     p.add_argument("--max-length", type=int, default=512, help="perplexity window")
     p.add_argument("--stride", type=int, default=None, help="perplexity stride (default: the window)")
     p.add_argument("--entropy-tokens", type=int, default=256 if demo else 512, help="tokens for the statistics")
-    p.add_argument("--contexts", type=_csv_ints, default=[128, 256] if demo else [512, 1024, 2048])
+    p.add_argument("--contexts", type=_csv_ints, default=[128, 256] if demo else None,
+                   help="context lengths (tokens) of the eval named (latency: default 512,1024,2048; retrieval: "
+                        "1024,2048,4096,8192 and focus: 512,2048,8192, both up to the model's maximum); under "
+                        "'eval all' latency's")
+    p.add_argument("--retrieval-contexts", type=_csv_ints, default=None,
+                   help="retrieval's context lengths (default 1024,2048,4096,8192 up to the model's maximum)")
+    p.add_argument("--focus-contexts", type=_csv_ints, default=None,
+                   help="focus's context lengths (default 512,2048,8192 up to the model's maximum)")
+    p.add_argument("--depths", type=_csv_floats, default=None,
+                   help="retrieval: where the fact sits, in percent of the filler (default 0,25,50,75,100)")
+    p.add_argument("--trials", type=int, default=2, help="retrieval: prompts per context and depth")
+    p.add_argument("--distractors", type=int, default=9,
+                   help="retrieval: wrong answers the true one is ranked among (same number of digits)")
+    p.add_argument("--digits", type=int, default=5, help="retrieval: digits of the value asked for")
+    p.add_argument("--fact", choices=["passkey", "name_value"], default="passkey",
+                   help="retrieval: a pass key, or a person's special number")
+    p.add_argument("--seed", type=int, default=0, help="retrieval: seed of the filler windows, values and names")
     p.add_argument("--batch-sizes", type=_csv_ints, default=[1])
     p.add_argument("--new-tokens", type=int, default=8 if demo else 32)
     p.add_argument("--fit-window", type=int, default=None,
@@ -262,8 +397,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("kinds", help="list the attention kinds and their options")
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=cmd_kinds)
-    p = sub.add_parser("eval", help="perplexity, latency and attention statistics of several kinds")
-    p.add_argument("what", choices=["ppl", "latency", "entropy", "all"])
+    p = sub.add_parser("eval", help="perplexity, latency, attention statistics, retrieval at depth and attention "
+                                    "focus versus context length of several kinds")
+    p.add_argument("what", choices=[*EVALS, "all"])
     _add_eval_args(p)
     p.set_defaults(fn=cmd_eval)
     p = sub.add_parser("demo", help="every kind on SmolLM2-135M and the offline corpus: table and plots")

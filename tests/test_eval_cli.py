@@ -83,7 +83,8 @@ def test_eval_all_writes_results_tables_and_plots(tiny_dir, tmp_path, capsys):
     out = tmp_path / "res"
     code = main(["eval", "all", "--model", tiny_dir, "--attn", "softmax,topk:k=4,entmax:alpha=1.5,linear",
                  "--out", str(out), "--max-tokens", "300", "--max-length", "128", "--entropy-tokens", "64",
-                 "--contexts", "32,64", "--new-tokens", "2", "--repeats", "1"])
+                 "--contexts", "32,64", "--new-tokens", "2", "--repeats", "1", "--retrieval-contexts", "128",
+                 "--depths", "0,100", "--trials", "1", "--focus-contexts", "64,128"])
     assert code == 0
     printed = capsys.readouterr().out
     assert "topk k=4" in printed and "ppl" in printed and "decode tok/s" in printed
@@ -93,9 +94,10 @@ def test_eval_all_writes_results_tables_and_plots(tiny_dir, tmp_path, capsys):
     assert abs(ppl["softmax"]["ppl"] / ppl["model's own"]["ppl"] - 1) < 1e-3
     assert ppl["linear"]["ppl"] != ppl["softmax"]["ppl"]
     assert len(results["entropy"]) == 4 and len(results["latency"]) == 5 * 2
-    assert (out / "results.jsonl").read_text().count("\n") == len(ppl) + 4 + 10
+    assert len(results["retrieval"]) == 5 * 2 and len(results["focus"]) == 5 * 2
+    assert (out / "results.jsonl").read_text().count("\n") == len(ppl) + 4 + 10 + 10 + 10
     assert "Perplexity" in (out / "results.md").read_text()
-    for name in ("perplexity.png", "entropy.png", "sparsity.png", "latency.png"):
+    for name in ("perplexity.png", "entropy.png", "sparsity.png", "latency.png", "retrieval.png", "focus.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
 
 

@@ -19,7 +19,7 @@ from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, MaxNLocator, NullLocator
 
-__all__ = ["entropy_heatmap", "entropy_heatmaps", "latency_plot", "perplexity_plot"]
+__all__ = ["entropy_heatmap", "entropy_heatmaps", "focus_plot", "grid_heatmaps", "latency_plot", "perplexity_plot"]
 
 _CMAP = "viridis"
 _DPI = 120
@@ -182,6 +182,109 @@ def perplexity_plot(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike, 
         ax.grid(True, axis="y", which="both", alpha=0.3)
     ax.set_ylabel(ylabel + " (log scale)")
     ax.set_title(title or "perplexity by attention kind")
+    return _save(fig, path)
+
+
+def grid_heatmaps(grids: Mapping[str, Any], path: str | os.PathLike, *, row_labels: Sequence[Any],
+                  col_labels: Sequence[Any], ylabel: str, xlabel: str, metric_name: str,
+                  vmin: float | None = 0.0, vmax: float | None = 1.0, title: str | None = None,
+                  cmap: str = _CMAP) -> Path:
+    """One (rows x columns) heatmap per label (up to 4 per row), one colour scale, values written in the cells:
+    e.g. retrieval score per context length (rows) and depth (columns). NaN / ``None`` cells are grey."""
+    mats = {str(k): _as_matrix(v) for k, v in grids.items()}
+    finite = np.concatenate([m[np.isfinite(m)] for m in mats.values()] or [np.empty(0)])
+    lo = vmin if vmin is not None else (float(finite.min()) if finite.size else 0.0)
+    hi = vmax if vmax is not None else (float(finite.max()) if finite.size else 1.0)
+    if hi <= lo:
+        lo, hi = lo - 0.5, hi + 0.5
+    norm = Normalize(lo, hi)
+    n = max(len(mats), 1)
+    ncols = min(n, 4)
+    nrows = math.ceil(n / ncols)
+    panel_w = min(max(2.8, 0.6 * len(col_labels) + 1.4), 6.0)
+    panel_h = min(max(2.4, 0.45 * len(row_labels) + 1.0), 6.0)
+    fig = Figure(figsize=(ncols * panel_w + 1.2, nrows * panel_h + (0.5 if title else 0.2)), dpi=_DPI,
+                 layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(nrows, ncols, squeeze=False)
+    colormap = _cmap_with_bad(cmap)
+    image = None
+    for ax, (name, m) in zip(axes.flat, mats.items()):
+        if m.size == 0:
+            _no_data(ax, name)
+            continue
+        image = ax.imshow(np.ma.masked_invalid(m), cmap=colormap, norm=norm, aspect="auto",
+                          interpolation="nearest", origin="upper")
+        ax.set_title(name, fontsize=10)
+        ax.set_xticks(range(m.shape[1]), [str(c) for c in col_labels][:m.shape[1]])
+        ax.set_yticks(range(m.shape[0]), [str(r) for r in row_labels][:m.shape[0]])
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        for (i, j), v in np.ndenumerate(m):
+            text = "n/a" if not np.isfinite(v) else f"{v:.2f}"
+            shade = norm(v) if np.isfinite(v) else 0.0
+            ax.text(j, i, text, ha="center", va="center", fontsize=7, color="black" if shade > 0.55 else "white")
+    for ax in list(axes.flat)[len(mats):]:
+        if not mats:
+            _no_data(ax, title or metric_name)
+        else:
+            ax.set_axis_off()
+    if image is not None:
+        fig.colorbar(image, ax=axes.ravel().tolist(), label=metric_name, shrink=0.9)
+    if title:
+        fig.suptitle(title)
+    return _save(fig, path)
+
+
+_FOCUS_LABELS = {"entropy": "entropy (nats)", "normalized_entropy": "normalized entropy", "gini": "Gini",
+                 "max_weight": "max weight", "effective_tokens": "effective tokens",
+                 "sparsity": "fraction of exact zeros"}
+
+
+def focus_plot(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike, *,
+               metrics: Sequence[str] = ("entropy", "normalized_entropy", "effective_tokens", "max_weight",
+                                         "sparsity"), title: str | None = None) -> Path:
+    """Each statistic (mean over layers, heads and queries) against context length N (log2 x axis), one panel per
+    statistic, one line per attention (rows: ``attention``, ``context`` and the metric values)."""
+    labels = list(dict.fromkeys(str(r.get("attention")) for r in rows))
+    fig = Figure(figsize=(4.0 * min(len(metrics), 3) + 0.6, 3.4 * math.ceil(len(metrics) / 3)), dpi=_DPI,
+                 layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(math.ceil(len(metrics) / 3), min(len(metrics), 3), squeeze=False)
+    for ax, metric in zip(axes.flat, metrics):
+        drawn = False
+        for idx, label in enumerate(labels):
+            points = sorted((_num(r.get("context")), _num(r.get(metric))) for r in rows
+                            if str(r.get("attention")) == label)
+            points = [(x, y) for x, y in points if math.isfinite(x) and x > 0 and math.isfinite(y)]
+            if not points:
+                continue
+            xs, ys = zip(*points)
+            if label == "model's own":  # hollow and on top: visible where softmax (equal to it) lies beneath
+                ax.plot(xs, ys, marker="o", markersize=9, markerfacecolor="none", linestyle="--", linewidth=2,
+                        color=f"C{idx % 10}", label=label, zorder=3)
+            else:
+                ax.plot(xs, ys, marker="o", color=f"C{idx % 10}", label=label)
+            drawn = True
+        if drawn:
+            ax.set_xscale("log", base=2)
+            ax.xaxis.set_major_locator(_ContextLocator())
+            ax.xaxis.set_minor_locator(NullLocator())
+            ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:g}"))
+            ax.grid(True, which="both", alpha=0.3)
+        else:
+            _no_data(ax)
+        ax.set_xlabel("context length N (tokens, log scale)")
+        ax.set_ylabel(_FOCUS_LABELS.get(metric, metric))
+        ax.set_title(_FOCUS_LABELS.get(metric, metric))
+    for ax in list(axes.flat)[len(metrics):]:
+        ax.set_axis_off()
+    handles, names = next(((a.get_legend_handles_labels()) for a in axes.flat if a.get_legend_handles_labels()[0]),
+                          ([], []))
+    if handles:
+        fig.legend(handles, names, loc="outside lower center", ncols=min(len(names), 4), fontsize=8)
+    if title:
+        fig.suptitle(title)
     return _save(fig, path)
 
 

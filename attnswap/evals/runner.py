@@ -147,3 +147,90 @@ def run_latency(model, specs: list[AttnSpec], *, contexts, batch_sizes, new_toke
     if bar:
         bar.close()
     return out
+
+
+def _spec_stats(model, spec: AttnSpec, ids):
+    """``attention_stats`` of one spec on ``ids``, as ``run_entropy`` takes them (a fitted swap observed as it is)."""
+    from .entropy import attention_stats
+
+    if spec.swap_dir is not None or spec.calibrated or spec.transferred:
+        with applied(model, spec):
+            return attention_stats(model, ids, kind=None)
+    return attention_stats(model, ids, kind=spec.kind or "softmax", layers=spec.layers, **spec.options)
+
+
+def run_focus(model, ids, specs: list[AttnSpec], *, contexts=None, own: bool = True, writer=None,
+              show: bool = True) -> tuple[list[dict], bool]:
+    """Attention statistics over context lengths (``attnswap.evals.focus``): the model's own attention (when it can
+    be observed, ``own``) and every spec, on the first N tokens of ``ids`` for each N. Rows go to ``writer``
+    (section ``focus``) as they are measured. Returns (rows, complete): an interrupt (Ctrl-C) ends the sweep early
+    and keeps the rows measured."""
+    from .focus import default_contexts, focus_sweep
+    from .own_attention import own_attention_stats
+
+    measures = {}
+    if own:
+        measures["model's own"] = lambda part: own_attention_stats(model, part)
+    for spec in specs:
+        measures[spec.label] = functools.partial(_spec_stats, model, spec)
+    contexts = list(contexts) if contexts else default_contexts(model)
+    bar = progress_bar(len(contexts) * len(measures), f"attention focus ({len(measures)} attentions)", show)
+    rows = []
+
+    def record(row):
+        rows.append(row)
+        if writer is not None:
+            writer.add("focus", row)
+
+    complete = True
+    try:
+        focus_sweep(model, ids, contexts=contexts, stats=measures, on_record=record,
+                    progress=bar.update if bar else None)
+    except KeyboardInterrupt:
+        complete = False
+    finally:
+        if bar:
+            bar.close()
+    return rows, complete
+
+
+def run_retrieval(model, tokenizer, specs: list[AttnSpec], *, text: str | None = None, contexts=None,
+                  depths=None, trials: int | None = None, seed: int = 0, fact: str = "passkey",
+                  distractors: int | None = None, digits: int | None = None, writer=None,
+                  show: bool = True) -> tuple[list[dict], bool]:
+    """Retrieval at depth (``attnswap.evals.retrieval``) for the model's own attention and every spec, each grid
+    point's prompt scored under all of them in turn; fitted specs are fitted first. Rows go to ``writer`` (section
+    ``retrieval``) as they are measured. Returns (rows, complete): an interrupt (Ctrl-C) ends the grid early and
+    keeps the rows measured."""
+    from . import retrieval
+
+    everyone = [AttnSpec(None)] + specs
+    for spec in everyone:  # fit the calibrated/transferred specs now, once
+        with applied(model, spec):
+            pass
+    contexts = list(contexts) if contexts else retrieval.default_contexts(model)
+    depths = list(retrieval.DEFAULT_DEPTHS if depths is None else depths)
+    trials = retrieval.DEFAULT_TRIALS if trials is None else trials
+    retrieval.check_grid(contexts, depths, trials, limit=retrieval.max_positions(model))
+    bar = progress_bar(len(contexts) * len(depths) * trials, f"retrieval ({len(everyone)} attentions)", show)
+    rows = []
+
+    def record(row):
+        rows.append(row)
+        if writer is not None:
+            writer.add("retrieval", row)
+
+    complete = True
+    try:
+        retrieval.retrieval_at_depth(
+            model, tokenizer, contexts=contexts, depths=depths, trials=trials, seed=seed, text=text, fact=fact,
+            distractors=retrieval.DEFAULT_DISTRACTORS if distractors is None else distractors,
+            digits=retrieval.DEFAULT_DIGITS if digits is None else digits,
+            arms={spec.label: functools.partial(applied, model, spec) for spec in everyone},
+            on_record=record, progress=bar.update if bar else None)
+    except KeyboardInterrupt:
+        complete = False
+    finally:
+        if bar:
+            bar.close()
+    return rows, complete

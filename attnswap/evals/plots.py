@@ -37,28 +37,22 @@ def entropy_heatmap(matrix, title: str, path: str | os.PathLike, *, metric_name:
                             annotate=annotate, panel_titles=True, title=None)
 
 
-def entropy_heatmaps(stats_by_kind: Mapping[str, Any], path: str | os.PathLike, metric_name: str = "entropy", *,
-                     title: str | None = None, vmin: float | None = None, vmax: float | None = None,
-                     cmap: str = _CMAP, annotate: bool | None = None, panel_titles: bool = True) -> Path:
-    """One panel per kind (up to 4 per row), all on one colour scale (from the finite values of all panels
-    unless ``vmin`` / ``vmax`` are given), one shared colour bar labelled ``metric_name``."""
-    mats = {str(k): _as_matrix(v) for k, v in stats_by_kind.items()}
+def _heatmap_panels(mats: Mapping[str, np.ndarray], path, *, panel_size, decorate, metric_name: str,
+                    title: str | None, vmin: float | None, vmax: float | None, cmap: str) -> Path:
+    """The panel grid both heatmap plots share: one panel per matrix (up to 4 per row), one colour scale (from the
+    finite values of all panels unless ``vmin`` / ``vmax`` are given), NaN cells grey, one colour bar labelled
+    ``metric_name``; ``decorate(ax, name, m, norm)`` labels each drawn panel; ``panel_size`` (width, height) in
+    inches."""
     finite = np.concatenate([m[np.isfinite(m)] for m in mats.values()] or [np.empty(0)])
     lo = vmin if vmin is not None else (float(finite.min()) if finite.size else 0.0)
     hi = vmax if vmax is not None else (float(finite.max()) if finite.size else 1.0)
     if hi <= lo:
         lo, hi = lo - 0.5, hi + 0.5
     norm = Normalize(lo, hi)
-
     n = max(len(mats), 1)
     ncols = min(n, 4)
     nrows = math.ceil(n / ncols)
-    shapes = [m.shape for m in mats.values()] or [(1, 1)]
-    max_l = max(max(s[0] for s in shapes), 1)
-    max_h = max(max(s[1] for s in shapes), 1)
-    cell = min(0.45, 4.0 / max(max_l, max_h))  # inches per cell, panels between ~2.5 and ~4.5 inches
-    panel_w = min(max(2.6, max_h * cell + 1.0), 5.0)
-    panel_h = min(max(2.4, max_l * cell + 0.9), 6.0)
+    panel_w, panel_h = panel_size
     fig = Figure(figsize=(ncols * panel_w + 1.2, nrows * panel_h + (0.5 if title else 0.2)), dpi=_DPI,
                  layout="constrained")
     FigureCanvasAgg(fig)
@@ -71,18 +65,7 @@ def entropy_heatmaps(stats_by_kind: Mapping[str, Any], path: str | os.PathLike, 
             continue
         image = ax.imshow(np.ma.masked_invalid(m), cmap=colormap, norm=norm, aspect="auto",
                           interpolation="nearest", origin="upper")
-        if panel_titles:
-            ax.set_title(name, fontsize=10)
-        ax.set_xlabel("head")
-        ax.set_ylabel("layer")
-        ax.xaxis.set_major_locator(MaxNLocator(nbins=min(m.shape[1], 12), integer=True))
-        ax.yaxis.set_major_locator(MaxNLocator(nbins=min(m.shape[0], 16), integer=True))
-        if annotate if annotate is not None else m.size <= 64:
-            for (i, j), v in np.ndenumerate(m):
-                text = "n/a" if not np.isfinite(v) else f"{v:.2g}"
-                shade = norm(v) if np.isfinite(v) else 0.0
-                ax.text(j, i, text, ha="center", va="center", fontsize=7,
-                        color="black" if shade > 0.55 else "white")
+        decorate(ax, name, m, norm)
     for ax in list(axes.flat)[len(mats):]:
         if not mats:
             _no_data(ax, title or metric_name)
@@ -93,6 +76,40 @@ def entropy_heatmaps(stats_by_kind: Mapping[str, Any], path: str | os.PathLike, 
     if title:
         fig.suptitle(title)
     return _save(fig, path)
+
+
+def _write_values(ax, m, norm, fmt: str) -> None:
+    """Each cell's value in the cell (``n/a`` for NaN), dark on light cells and light on dark ones."""
+    for (i, j), v in np.ndenumerate(m):
+        text = "n/a" if not np.isfinite(v) else format(v, fmt)
+        shade = norm(v) if np.isfinite(v) else 0.0
+        ax.text(j, i, text, ha="center", va="center", fontsize=7, color="black" if shade > 0.55 else "white")
+
+
+def entropy_heatmaps(stats_by_kind: Mapping[str, Any], path: str | os.PathLike, metric_name: str = "entropy", *,
+                     title: str | None = None, vmin: float | None = None, vmax: float | None = None,
+                     cmap: str = _CMAP, annotate: bool | None = None, panel_titles: bool = True) -> Path:
+    """One panel per kind (up to 4 per row), all on one colour scale (from the finite values of all panels
+    unless ``vmin`` / ``vmax`` are given), one shared colour bar labelled ``metric_name``."""
+    mats = {str(k): _as_matrix(v) for k, v in stats_by_kind.items()}
+    shapes = [m.shape for m in mats.values()] or [(1, 1)]
+    max_l = max(max(s[0] for s in shapes), 1)
+    max_h = max(max(s[1] for s in shapes), 1)
+    cell = min(0.45, 4.0 / max(max_l, max_h))  # inches per cell, panels between ~2.5 and ~4.5 inches
+
+    def decorate(ax, name, m, norm):
+        if panel_titles:
+            ax.set_title(name, fontsize=10)
+        ax.set_xlabel("head")
+        ax.set_ylabel("layer")
+        ax.xaxis.set_major_locator(MaxNLocator(nbins=min(m.shape[1], 12), integer=True))
+        ax.yaxis.set_major_locator(MaxNLocator(nbins=min(m.shape[0], 16), integer=True))
+        if annotate if annotate is not None else m.size <= 64:
+            _write_values(ax, m, norm, ".2g")
+
+    size = (min(max(2.6, max_h * cell + 1.0), 5.0), min(max(2.4, max_l * cell + 0.9), 6.0))
+    return _heatmap_panels(mats, path, panel_size=size, decorate=decorate, metric_name=metric_name, title=title,
+                           vmin=vmin, vmax=vmax, cmap=cmap)
 
 
 def latency_plot(records_by_kind: Mapping[str, Sequence[Mapping[str, Any]]], path: str | os.PathLike, *,
@@ -192,48 +209,18 @@ def grid_heatmaps(grids: Mapping[str, Any], path: str | os.PathLike, *, row_labe
     """One (rows x columns) heatmap per label (up to 4 per row), one colour scale, values written in the cells:
     e.g. retrieval score per context length (rows) and depth (columns). NaN / ``None`` cells are grey."""
     mats = {str(k): _as_matrix(v) for k, v in grids.items()}
-    finite = np.concatenate([m[np.isfinite(m)] for m in mats.values()] or [np.empty(0)])
-    lo = vmin if vmin is not None else (float(finite.min()) if finite.size else 0.0)
-    hi = vmax if vmax is not None else (float(finite.max()) if finite.size else 1.0)
-    if hi <= lo:
-        lo, hi = lo - 0.5, hi + 0.5
-    norm = Normalize(lo, hi)
-    n = max(len(mats), 1)
-    ncols = min(n, 4)
-    nrows = math.ceil(n / ncols)
-    panel_w = min(max(2.8, 0.6 * len(col_labels) + 1.4), 6.0)
-    panel_h = min(max(2.4, 0.45 * len(row_labels) + 1.0), 6.0)
-    fig = Figure(figsize=(ncols * panel_w + 1.2, nrows * panel_h + (0.5 if title else 0.2)), dpi=_DPI,
-                 layout="constrained")
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(nrows, ncols, squeeze=False)
-    colormap = _cmap_with_bad(cmap)
-    image = None
-    for ax, (name, m) in zip(axes.flat, mats.items()):
-        if m.size == 0:
-            _no_data(ax, name)
-            continue
-        image = ax.imshow(np.ma.masked_invalid(m), cmap=colormap, norm=norm, aspect="auto",
-                          interpolation="nearest", origin="upper")
+
+    def decorate(ax, name, m, norm):
         ax.set_title(name, fontsize=10)
         ax.set_xticks(range(m.shape[1]), [str(c) for c in col_labels][:m.shape[1]])
         ax.set_yticks(range(m.shape[0]), [str(r) for r in row_labels][:m.shape[0]])
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
-        for (i, j), v in np.ndenumerate(m):
-            text = "n/a" if not np.isfinite(v) else f"{v:.2f}"
-            shade = norm(v) if np.isfinite(v) else 0.0
-            ax.text(j, i, text, ha="center", va="center", fontsize=7, color="black" if shade > 0.55 else "white")
-    for ax in list(axes.flat)[len(mats):]:
-        if not mats:
-            _no_data(ax, title or metric_name)
-        else:
-            ax.set_axis_off()
-    if image is not None:
-        fig.colorbar(image, ax=axes.ravel().tolist(), label=metric_name, shrink=0.9)
-    if title:
-        fig.suptitle(title)
-    return _save(fig, path)
+        _write_values(ax, m, norm, ".2f")
+
+    size = (min(max(2.8, 0.6 * len(col_labels) + 1.4), 6.0), min(max(2.4, 0.45 * len(row_labels) + 1.0), 6.0))
+    return _heatmap_panels(mats, path, panel_size=size, decorate=decorate, metric_name=metric_name, title=title,
+                           vmin=vmin, vmax=vmax, cmap=cmap)
 
 
 _FOCUS_LABELS = {"entropy": "entropy (nats)", "normalized_entropy": "normalized entropy", "gini": "Gini",

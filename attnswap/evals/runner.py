@@ -175,17 +175,23 @@ def run_focus(model, ids, specs: list[AttnSpec], *, contexts=None, own: bool = T
         measures[spec.label] = functools.partial(_spec_stats, model, spec)
     contexts = list(contexts) if contexts else default_contexts(model)
     bar = progress_bar(len(contexts) * len(measures), f"attention focus ({len(measures)} attentions)", show)
+    return _interruptible(bar, writer, "focus", lambda record, progress: focus_sweep(
+        model, ids, contexts=contexts, stats=measures, on_record=record, progress=progress))
+
+
+def _interruptible(bar, writer, section: str, sweep) -> tuple[list[dict], bool]:
+    """Run ``sweep(record, progress)``: each row it records is kept and goes to ``writer`` (``section``) at once;
+    an interrupt (Ctrl-C) ends it early. Returns (rows, complete)."""
     rows = []
 
     def record(row):
         rows.append(row)
         if writer is not None:
-            writer.add("focus", row)
+            writer.add(section, row)
 
     complete = True
     try:
-        focus_sweep(model, ids, contexts=contexts, stats=measures, on_record=record,
-                    progress=bar.update if bar else None)
+        sweep(record, bar.update if bar else None)
     except KeyboardInterrupt:
         complete = False
     finally:
@@ -213,24 +219,9 @@ def run_retrieval(model, tokenizer, specs: list[AttnSpec], *, text: str | None =
     trials = retrieval.DEFAULT_TRIALS if trials is None else trials
     retrieval.check_grid(contexts, depths, trials, limit=retrieval.max_positions(model))
     bar = progress_bar(len(contexts) * len(depths) * trials, f"retrieval ({len(everyone)} attentions)", show)
-    rows = []
-
-    def record(row):
-        rows.append(row)
-        if writer is not None:
-            writer.add("retrieval", row)
-
-    complete = True
-    try:
-        retrieval.retrieval_at_depth(
-            model, tokenizer, contexts=contexts, depths=depths, trials=trials, seed=seed, text=text, fact=fact,
-            distractors=retrieval.DEFAULT_DISTRACTORS if distractors is None else distractors,
-            digits=retrieval.DEFAULT_DIGITS if digits is None else digits,
-            arms={spec.label: functools.partial(applied, model, spec) for spec in everyone},
-            on_record=record, progress=bar.update if bar else None)
-    except KeyboardInterrupt:
-        complete = False
-    finally:
-        if bar:
-            bar.close()
-    return rows, complete
+    arms = {spec.label: functools.partial(applied, model, spec) for spec in everyone}
+    return _interruptible(bar, writer, "retrieval", lambda record, progress: retrieval.retrieval_at_depth(
+        model, tokenizer, contexts=contexts, depths=depths, trials=trials, seed=seed, text=text, fact=fact,
+        distractors=retrieval.DEFAULT_DISTRACTORS if distractors is None else distractors,
+        digits=retrieval.DEFAULT_DIGITS if digits is None else digits, arms=arms, on_record=record,
+        progress=progress))

@@ -149,6 +149,27 @@ def _query_plan(start_n, N_Q, offset, window, IS_CAUSAL: tl.constexpr, HAS_WINDO
 
 
 @triton.jit
+def _query_chunk(HQ, GROUP, N_Q, N_K, BLOCK_T: tl.constexpr):
+    """A query-chunk program's coordinates (program ids 0, 1 = chunk, batch row x query head): (first row, bh,
+    batch row, its KV head's index bkv, prefix slots of the key chunks, row offsets, row mask)."""
+    start_m = tl.program_id(0) * BLOCK_T
+    bh = tl.program_id(1).to(tl.int64)
+    batch = bh // HQ
+    bkv = batch * (HQ // GROUP) + (bh % HQ) // GROUP
+    offs_m = start_m + tl.arange(0, BLOCK_T)
+    return start_m, bh, batch, bkv, (N_K + BLOCK_T - 1) // BLOCK_T + 1, offs_m, offs_m < N_Q
+
+
+@triton.jit
+def _key_chunk(HKV, N_Q, BLOCK_T: tl.constexpr):
+    """A key-chunk program's coordinates (program ids 0, 1 = chunk, batch row x KV head): (first key, bkv, batch
+    row, prefix slots of the query chunks, key offsets)."""
+    start_n = tl.program_id(0) * BLOCK_T
+    bkv = tl.program_id(1).to(tl.int64)
+    return start_n, bkv, bkv // HKV, (N_Q + BLOCK_T - 1) // BLOCK_T + 1, start_n + tl.arange(0, BLOCK_T)
+
+
+@triton.jit
 def _chunk_state_kernel(X, Y, W, MASK, P, PZ, H_OUT, GROUP, N_ROWS, F, DV, SLOT_SHIFT,
                         HAS_W: tl.constexpr, HAS_MASK: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_T: tl.constexpr,
                         BLOCK_F: tl.constexpr, BLOCK_V: tl.constexpr):
@@ -231,14 +252,8 @@ def _fwd_kernel(FQ, FK, V, MASK, P, PZ, O, DEN, HQ, GROUP, N_Q, N_K, F, DV, offs
                 BLOCK_T: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_V: tl.constexpr):
     """o and den of one query chunk and value tile: the whole key chunks from the prefix states, the rest in exact
     blocks. Grid (Cq, b * Hq, dv tiles)."""
-    start_m = tl.program_id(0) * BLOCK_T
-    bh = tl.program_id(1).to(tl.int64)
+    start_m, bh, batch, bkv, slots, offs_m, row_ok = _query_chunk(HQ, GROUP, N_Q, N_K, BLOCK_T)
     v0 = tl.program_id(2) * BLOCK_V
-    batch = bh // HQ
-    bkv = batch * (HQ // GROUP) + (bh % HQ) // GROUP
-    slots = (N_K + BLOCK_T - 1) // BLOCK_T + 1
-    offs_m = start_m + tl.arange(0, BLOCK_T)
-    row_ok = offs_m < N_Q
     offs_f = tl.arange(0, BLOCK_F)
     offs_v = tl.arange(0, BLOCK_V)
     fq_base = FQ + bh * N_Q * F
@@ -297,14 +312,8 @@ def _dq_kernel(FK, V, G, CQ, MASK, P, PZ, DFQ, HQ, GROUP, N_Q, N_K, F, DV, offse
                BLOCK_T: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_V: tl.constexpr):
     """d fq of one query chunk and feature tile: S g + c z from the prefix states (the forward's key plan), plus
     the edge blocks ((g . v + c) * visible) fk. G (b, Hq, n, dv), CQ (b, Hq, n) fp32. Grid (Cq, b * Hq, F tiles)."""
-    start_m = tl.program_id(0) * BLOCK_T
-    bh = tl.program_id(1).to(tl.int64)
+    start_m, bh, batch, bkv, slots, offs_m, row_ok = _query_chunk(HQ, GROUP, N_Q, N_K, BLOCK_T)
     f0 = tl.program_id(2) * BLOCK_F
-    batch = bh // HQ
-    bkv = batch * (HQ // GROUP) + (bh % HQ) // GROUP
-    slots = (N_K + BLOCK_T - 1) // BLOCK_T + 1
-    offs_m = start_m + tl.arange(0, BLOCK_T)
-    row_ok = offs_m < N_Q
     offs_f = tl.arange(0, BLOCK_F)
     offs_v = tl.arange(0, BLOCK_V)
     g_base = G + bh * N_Q * DV
@@ -360,12 +369,8 @@ def _dk_kernel(FQ, V, G, CQ, MASK, R, RZ, DFK, HKV, GROUP, N_Q, N_K, F, DV, offs
                BLOCK_T: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_V: tl.constexpr):
     """d fk of one key chunk and feature tile: R v + r from the suffix states (group-summed), plus the edge blocks
     ((v . g + c) * visible)^T fq of each query head of the group; 0 on padded keys. Grid (C, b * Hkv, F tiles)."""
-    start_n = tl.program_id(0) * BLOCK_T
-    bkv = tl.program_id(1).to(tl.int64)
+    start_n, bkv, batch, slots, offs_n = _key_chunk(HKV, N_Q, BLOCK_T)
     f0 = tl.program_id(2) * BLOCK_F
-    batch = bkv // HKV
-    slots = (N_Q + BLOCK_T - 1) // BLOCK_T + 1
-    offs_n = start_n + tl.arange(0, BLOCK_T)
     key_ok = _key_ok(MASK + batch * N_K, offs_n, N_K, HAS_MASK)
     offs_f = tl.arange(0, BLOCK_F)
     offs_v = tl.arange(0, BLOCK_V)
@@ -418,12 +423,8 @@ def _dv_kernel(FQ, FK, G, MASK, R, DV_OUT, HKV, GROUP, N_Q, N_K, F, DV, offset, 
                BLOCK_T: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_V: tl.constexpr):
     """d v of one key chunk and value tile: fk R from the suffix states, plus the edge blocks ((fk fq^T) * visible)
     g of each query head of the group; 0 on padded keys (their features are 0). Grid (C, b * Hkv, dv tiles)."""
-    start_n = tl.program_id(0) * BLOCK_T
-    bkv = tl.program_id(1).to(tl.int64)
+    start_n, bkv, batch, slots, offs_n = _key_chunk(HKV, N_Q, BLOCK_T)
     v0 = tl.program_id(2) * BLOCK_V
-    batch = bkv // HKV
-    slots = (N_Q + BLOCK_T - 1) // BLOCK_T + 1
-    offs_n = start_n + tl.arange(0, BLOCK_T)
     key_ok = _key_ok(MASK + batch * N_K, offs_n, N_K, HAS_MASK)
     offs_f = tl.arange(0, BLOCK_F)
     offs_v = tl.arange(0, BLOCK_V)

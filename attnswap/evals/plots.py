@@ -112,6 +112,14 @@ def entropy_heatmaps(stats_by_kind: Mapping[str, Any], path: str | os.PathLike, 
                            vmin=vmin, vmax=vmax, cmap=cmap)
 
 
+def _context_axis(ax) -> None:
+    """A log2 x axis of context lengths, ticked at the lengths plotted, labelled as plain numbers."""
+    ax.set_xscale("log", base=2)
+    ax.xaxis.set_major_locator(_ContextLocator())
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:g}"))
+
+
 def latency_plot(records_by_kind: Mapping[str, Sequence[Mapping[str, Any]]], path: str | os.PathLike, *,
                  title: str | None = None, log_y: bool | str = "auto") -> Path:
     """Prefill time (ms) and decode throughput (tokens/s) against context length (log₂ x axis), one line per
@@ -146,10 +154,7 @@ def latency_plot(records_by_kind: Mapping[str, Sequence[Mapping[str, Any]]], pat
                         linestyle=["-", "--", ":", "-."][sorted(batches, key=str).index(batch) % 4])
                 drawn = True
         if drawn:
-            ax.set_xscale("log", base=2)
-            ax.xaxis.set_major_locator(_ContextLocator())
-            ax.xaxis.set_minor_locator(NullLocator())
-            ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:g}"))
+            _context_axis(ax)
             ax.legend(fontsize=8)
             ax.grid(True, which="both", alpha=0.3)
             if log_y is True or (log_y == "auto" and max(span) > 20 * min(span)):
@@ -254,10 +259,7 @@ def focus_plot(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike, *,
                 ax.plot(xs, ys, marker="o", color=f"C{idx % 10}", label=label)
             drawn = True
         if drawn:
-            ax.set_xscale("log", base=2)
-            ax.xaxis.set_major_locator(_ContextLocator())
-            ax.xaxis.set_minor_locator(NullLocator())
-            ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:g}"))
+            _context_axis(ax)
             ax.grid(True, which="both", alpha=0.3)
         else:
             _no_data(ax)

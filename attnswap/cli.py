@@ -69,7 +69,8 @@ def run_eval(args, what: set[str]) -> int:
     text, source = load_text(args.text_file, args.dataset)
     device = _distributed_setup(args.device)
     main = _main_process()
-    model, tokenizer = runner.load_model(args.model, dtype=args.dtype, device=device)
+    model, tokenizer = runner.load_model(args.model, dtype=args.dtype, device=device,
+                                         tokenizer=getattr(args, "tokenizer", None))
     runner.calibration_ids(tokenizer, specs, window=args.fit_window, max_windows=args.fit_windows,
                            steps=args.transfer_steps)
     writer = ResultsWriter(args.out) if main else None
@@ -266,7 +267,7 @@ def cmd_adapt(args) -> int:
         raise AttnSwapError(f"attnswap {what} takes one kind, e.g. --attn {args.example}; got {args.attn!r}")
     spec = specs[0]
     text = load_text(args.text_file, args.dataset)[0] if (args.text_file or args.dataset) else calibration_text()
-    model, tokenizer = runner.load_model(args.model, dtype=args.dtype, device=args.device)
+    model, tokenizer = runner.load_model(args.model, dtype=args.dtype, device=args.device, tokenizer=args.tokenizer)
     ids = runner.tokenize(tokenizer, text)
     settings = dict(layers=spec.layers, window=args.window, max_windows=args.windows, progress=True)
     if what == "transfer":
@@ -301,6 +302,7 @@ def _add_adapt_args(p, *, example: str, windows: int) -> None:
     p.add_argument("--attn", required=True, help=f"one kind with its options, e.g. {example}")
     p.add_argument("--out", required=True, help="folder to save the swap in (attnswap_swap.json)")
     p.add_argument("--model", default=None, help="a Hugging Face model folder (default: SmolLM2-135M-Instruct)")
+    p.add_argument("--tokenizer", default=None, help="a folder with the tokenizer, when --model has none")
     p.add_argument("--layers", default=None, help="swap only these layers, e.g. 4-29 (default: all)")
     p.add_argument("--text-file", default=None, help="the text to fit on (default: the end of the offline corpus)")
     p.add_argument("--dataset", default=None, help="the text to fit on, from a datasets name")
@@ -341,6 +343,7 @@ def _csv_floats(text: str) -> list[float]:
 def _add_eval_args(p, *, demo: bool = False) -> None:
     if not demo:
         p.add_argument("--model", default=None, help="a Hugging Face model folder (default: SmolLM2-135M-Instruct)")
+        p.add_argument("--tokenizer", default=None, help="a folder with the tokenizer, when --model has none")
     p.add_argument("--attn", default=DEMO_ATTN if demo else DEFAULT_ATTN,
                    help="kinds to compare, e.g. softmax,topk:k=64,entmax:alpha=1.5; kind:...:calibrated and "
                         "kind:...:transferred (linear, taylor, window_linear) fit first, saved:DIR loads a saved swap")

@@ -79,6 +79,27 @@ def test_bad_input_errors(tiny, tiny_dir, tmp_path):
     assert main(["eval", "ppl", "--model", tiny_dir, "--text-file", str(tmp_path / "x.txt"), "--out", out]) == 2
 
 
+def test_model_folder_without_a_tokenizer(tiny_dir, tmp_path, capsys):
+    """Weights but no tokenizer: a one-line error naming the folder and --tokenizer (no transformers traceback);
+    --tokenizer takes it from another folder."""
+    import shutil
+    from pathlib import Path
+
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for f in Path(tiny_dir).iterdir():
+        if f.name in ("config.json", "generation_config.json") or f.suffix == ".safetensors":
+            shutil.copy(f, bare / f.name)
+    out = str(tmp_path / "o")
+    common = ["--attn", "softmax", "--max-tokens", "300", "--max-length", "128", "--out", out]
+    assert main(["eval", "ppl", "--model", str(bare), *common]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no tokenizer in" in err[0] and str(bare) in err[0] and "--tokenizer" in err[0]
+    assert main(["eval", "ppl", "--model", str(bare), "--tokenizer", str(tmp_path / "nope"), *common]) == 2
+    assert "is not a folder" in capsys.readouterr().err
+    assert main(["eval", "ppl", "--model", str(bare), "--tokenizer", tiny_dir, *common]) == 0
+
+
 def test_eval_all_writes_results_tables_and_plots(tiny_dir, tmp_path, capsys):
     out = tmp_path / "res"
     code = main(["eval", "all", "--model", tiny_dir, "--attn", "softmax,topk:k=4,entmax:alpha=1.5,linear",

@@ -14,9 +14,21 @@ from ..progress import progress_bar
 from .specs import AttnSpec
 
 
-def load_model(path: str | None = None, *, dtype: str = "float32", device: str = "cpu"):
-    """(model, tokenizer) from a folder, or the default model (SmolLM2-135M) when ``path`` is None/'default'."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def load_tokenizer(path: str):
+    """The tokenizer saved in folder ``path``; a folder without one is a one-line error that names it."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, TypeError, KeyError) as err:
+        raise AttnSwapError(f"no tokenizer in {str(path)!r} ({type(err).__name__}): pass --tokenizer FOLDER (a folder "
+                            "saved with tokenizer.save_pretrained, e.g. the model's original one)") from None
+
+
+def load_model(path: str | None = None, *, dtype: str = "float32", device: str = "cpu", tokenizer: str | None = None):
+    """(model, tokenizer) from a folder, or the default model (SmolLM2-135M) when ``path`` is None/'default';
+    ``tokenizer``: another folder to take the tokenizer from (default: the model's own)."""
+    from transformers import AutoModelForCausalLM
 
     if path in (None, "", "default"):
         from ..default_model import default_model_path
@@ -29,8 +41,11 @@ def load_model(path: str | None = None, *, dtype: str = "float32", device: str =
         torch_dtype = getattr(torch, dtype)
     except AttributeError:
         raise AttnSwapError(f"unknown dtype {dtype!r}; use float32, bfloat16 or float16") from None
+    if tokenizer is not None and (not Path(tokenizer).is_dir()):
+        raise AttnSwapError(f"--tokenizer {str(tokenizer)!r} is not a folder")
+    tok = load_tokenizer(tokenizer if tokenizer is not None else path)  # before the weights: fail fast
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, attn_implementation="sdpa")
-    return model.to(device).eval(), AutoTokenizer.from_pretrained(path)
+    return model.to(device).eval(), tok
 
 
 @contextlib.contextmanager

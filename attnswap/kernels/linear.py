@@ -26,10 +26,10 @@ def parallel_key_mask(vis):
     return True, mask[:, 0, 0]
 
 
-def parallel_kernel(query, key, value, vis, *, eps, feature_map):
-    """The chunk-parallel path: features phi(q), phi(k) (fp32 math, stored in the query's dtype), then the engine."""
+def parallel_kernel(query, key, value, vis, *, eps, feature_map, mask):
+    """The chunk-parallel path: features phi(q), phi(k) (fp32 math, stored in the query's dtype), then the engine;
+    ``mask`` is ``parallel_key_mask``'s key mask."""
     phi = FEATURE_MAPS[feature_map]
-    _, mask = parallel_key_mask(vis)
     fq = phi(query.float()).to(query.dtype)
     fk = phi(key.float()).to(key.dtype)
     return parallel_linear_attention(fq, fk, value, causal=vis.causal, offset=vis.offset, window=vis.window,
@@ -42,8 +42,9 @@ def kernel(query, key, value, vis, *, scaling=None, softcap=None, sinks=None, dr
     ok, why = supports(query, key, value, vis, dropout=dropout, need_weights=need_weights, feature_map=feature_map)
     if not ok:
         raise ValueError(f"the linear kernel cannot run these inputs: {why}")
-    if parallel_key_mask(vis)[0]:
-        return parallel_kernel(query, key, value, vis, eps=eps, feature_map=feature_map), None
+    parallel, mask = parallel_key_mask(vis)
+    if parallel:
+        return parallel_kernel(query, key, value, vis, eps=eps, feature_map=feature_map, mask=mask), None
     out = chunked_attention(query, key, value, feature="linear", causal=vis.causal, offset=vis.offset,
                             window=vis.window, key_mask=key_padding(vis), eps=float(eps))
     return out, None

@@ -249,19 +249,6 @@ def test_flat_rows_past_the_scratch_take_newton(alpha):
     assert stats["threshold_passes_max"] > 3 and stats["zero_weight_fraction"] == 0.0
 
 
-def test_block_lists_are_the_active_entries_in_order():
-    g = torch.Generator().manual_seed(0)
-    bmap = torch.randint(0, 3, (5, 7, 11), generator=g).to(torch.int8)
-    order, count = kernels.block_lists(bmap)
-    for p in range(5):
-        for r in range(7):
-            want = torch.nonzero(bmap[p, r] == 1).flatten().to(torch.int32)
-            assert int(count[p, r]) == want.numel()
-            assert torch.equal(order[p, r, :want.numel()], want)
-    t_order, t_count = kernels.block_lists(bmap.transpose(1, 2))
-    assert t_order.shape == (5, 11, 7) and torch.equal(t_count, (bmap == 1).sum(1, dtype=torch.int32))
-
-
 def _tau_reference(s, visible, alpha):
     p = entmax_weights(s, visible, alpha)
     support = p > 0

@@ -384,3 +384,77 @@ def test_blocks_without_candidates_are_skipped():
     assert stats["skipped_block_fraction"] == 5 / 6  # blocks 1-5 hold no kept key of any row
     assert stats["sweep_block_fraction"] == (6 + 1) / 12  # the histogram visits all, the collection block 0 only
     assert stats["threshold_passes"] == 3 and stats["fallback_rows"] == 0
+
+
+# ---------------------------------------------------------------- block lists: the attention skips key blocks
+
+
+def _listed_reference(q, k, v, allowed, scaling):
+    """float64 softmax attention over the (query, key) pairs ``allowed`` (n, m); output and its gradients."""
+    qd, kd, vd = (t.detach().double().requires_grad_() for t in (q, k, v))
+    s = (qd @ kd.transpose(-1, -2) * scaling).masked_fill(~allowed, float("-inf"))
+    o = torch.softmax(s, -1) @ vd
+    return o, (qd, kd, vd)
+
+
+def test_flash_kernels_visit_only_the_listed_blocks():
+    """Given lists that leave out key blocks (the threshold keeping everything), the forward, dq and dk/dv
+    kernels see exactly the listed pairs: equal to attention restricted to them, not to the full attention."""
+    from attnswap.kernels.block_map import NO_WEIGHT, WEIGHT, plan
+    from attnswap.kernels.flash_bwd import flash_backward
+
+    n, m, d, scaling = 40, 56, 32, 32 ** -0.5  # 3 x 4 blocks of 16 x 16, partial at both ends
+    q, k, v = make(1, 1, 1, n, m, d, seed=11)
+    levels = torch.tensor([[[WEIGHT, NO_WEIGHT, WEIGHT, NO_WEIGHT],
+                            [NO_WEIGHT, WEIGHT, WEIGHT, WEIGHT],
+                            [WEIGHT, WEIGHT, NO_WEIGHT, WEIGHT]]], dtype=torch.int8, device=DEV)
+    allowed = (levels[0] == WEIGHT).repeat_interleave(16, 0)[:n].repeat_interleave(16, 1)[:, :m]
+    lists = [plan(levels, (16, 16), (16, 16, 1, 1), n, m, by_key=by_key) for by_key in (False, True, False)]
+    thr = torch.full((1, 1, n), float("-inf"), device=DEV)
+    o, lse = flash_forward(q, k, v, scaling=scaling, threshold=thr, block_list=lists[0], split_kv=False)
+    want, leaves = _listed_reference(q, k, v, allowed, scaling)
+    torch.testing.assert_close(o.double(), want, atol=1e-5, rtol=1e-5)
+    do = torch.randn_like(o)
+    dq, dk, dv, _ = flash_backward(do, q, k, v, o, lse, scaling=scaling, threshold=thr,
+                                   block_lists=(lists[1], lists[2]))
+    want.backward(do.double())
+    for name, got, leaf in zip(("dq", "dk", "dv"), (dq, dk, dv), leaves):
+        torch.testing.assert_close(got.double(), leaf.grad, atol=1e-5, rtol=1e-5, msg=name)
+    full, _ = flash_forward(q, k, v, scaling=scaling, split_kv=False)
+    assert (full - o).abs().max() > 1e-2  # the left-out blocks did carry weight
+
+
+def test_block_list_needs_a_threshold():
+    from attnswap.kernels.block_map import WEIGHT, plan
+
+    q, k, v = make(1, 1, 1, 16, 16, 32)
+    bl = plan(torch.full((1, 1, 1), WEIGHT, dtype=torch.int8, device=DEV), (16, 16), (16, 16, 1, 1), 16, 16)
+    with pytest.raises(ValueError, match="threshold"):
+        flash_forward(q, k, v, scaling=1.0, block_list=bl, split_kv=False)
+
+
+def test_forward_and_backward_skip_blocks_without_kept_keys():
+    """The top 8 keys of every row sit in the first of six key blocks: the attention visits that block only
+    (skipped_block_fraction 5/6) and forward and gradients equal the reference."""
+    g = torch.Generator().manual_seed(5)
+    values = torch.randint(-5, 6, (96,), generator=g).float()
+    values[torch.randperm(16, generator=g)[:8]] = 20.0 + torch.arange(8).float()
+    q, k, v = crafted(values, 2.0 ** torch.randint(0, 2, (16,), generator=g).float())
+    q, k = q * 0.25, k * 0.25  # scores s / 16: a softmax with weight on several keys
+    check(q, k, v, 8, backward=True, scaling=16.0)
+    _, stats = topk_attention(q, k, v, k_top=8, scaling=16.0, return_stats=True)
+    assert stats["skipped_block_fraction"] == 5 / 6
+
+
+LISTED_TILES = {"fwd": (32, 16, 1, 1), "dkdv": (16, 32, 1, 1), "dq": (32, 32, 1, 1)}
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "b{}_h{}-{}_n{}_m{}_d{}_c{}_w{}_k{}".format(*c))
+def test_lists_regridded_to_other_tiles(case, monkeypatch):
+    """Each listed kernel on tiles other than the threshold kernel's (the lists regridded): still the reference."""
+    import attnswap.kernels.topk as topk
+
+    monkeypatch.setattr(topk, "listed_config", lambda kernel, *args: LISTED_TILES[kernel])
+    b, hq, hkv, n, m, d, causal, window, k_top = case
+    q, k, v = make(b, hq, hkv, n + 20, m * S + 20, d, seed=n + 1)
+    check(q, k, v, k_top, backward=True, causal=causal, window=window)

@@ -26,6 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .block_map import block_lists
 from .entmax_decode import decode_forward, decode_stats, use_decode
 from .entmax_threshold import OUTSIDE_BAND, POW_GENERAL, power_mode, powers, tau_kernel, z_tile
 from .select_tiles import CAP, NUM_BINS
@@ -273,15 +274,6 @@ class _Plan:
         return self.mask if self.mask is not None else fallback
 
 
-def block_lists(bmap: torch.Tensor):
-    """A block map (programs, rows, cols) int8 -> its active (== 1) entries as compact lists: (programs, rows,
-    cols) int32 with each row's active column indices first, in order, and (programs, rows) int32 counts. The
-    output and backward passes loop over a list instead of testing every block of the band (no host sync)."""
-    active = bmap == 1
-    order = torch.sort((~active).to(torch.uint8), dim=-1, stable=True).indices.to(torch.int32)
-    return order.contiguous(), active.sum(-1, dtype=torch.int32).contiguous()
-
-
 def entmax_forward(q, k, v, *, alpha, scaling, causal=False, offset=0, window=None, softcap=None, sinks=None,
                    mask=None, need_grad=False):
     """Forward: returns ``(o (b, Hq, n, d) in q.dtype, saved)`` where ``saved`` holds tau (b, Hq, n) fp32
@@ -318,7 +310,7 @@ def entmax_forward(q, k, v, *, alpha, scaling, causal=False, offset=0, window=No
                    pl.scalars["offset"], pl.scalars["window"], MAX_ITER=MAX_ITER, HAS_SINKS=sinks is not None,
                    NUM_BINS=NUM_BINS, CAP=CAP, **pl.flags, **pl.launch)
     del scratch, block_max
-    saved["kb_list"], saved["kb_count"] = block_lists(saved["bmap"])
+    saved["kb_list"], saved["kb_count"] = block_lists(saved["bmap"] == 1)
     u_arg = saved["u"] if need_grad else saved["tau"]
     gsum_arg = saved["gsum"] if need_grad else saved["tau"]
     _out_run[grid](q, k, v, o, sinks_t, mask_arg, saved["tau"], saved["kb_list"], saved["kb_count"], saved["rden"],
@@ -343,7 +335,7 @@ def entmax_backward(do, q, k, v, saved, *, sinks=None):
     delta = (do.float() * saved["u"]).sum(-1) / torch.where(gsum > 0, gsum, torch.ones_like(gsum))
     delta = torch.where(gsum > 0, delta, torch.zeros_like(delta)).contiguous()
     mask_arg = pl.mask_arg(delta)
-    qb_list, qb_count = block_lists(saved["bmap"].transpose(1, 2))  # per key block: its query blocks
+    qb_list, qb_count = block_lists(saved["bmap"].transpose(1, 2) == 1)  # per key block: its query blocks
     _dkdv_run[(pl.n_kb, b * hkv)](
         q, k, v, do, saved["tau"], saved["rden"], delta, qb_list, qb_count, dk, dv, mask_arg,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(), *pl.mask_strides,

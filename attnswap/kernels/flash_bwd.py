@@ -26,7 +26,8 @@ import triton.language as tl
 
 from .tiles import (dot_f32, dot_prec, key_band, load_cols, load_rows, mask_view, query_band, row_block,
                     split_heads, tanh, visible)
-from .tuning import configs, interpreting, pruner
+from .block_map import BlockList
+from .tuning import INTERPRETER_BLOCKS, configs, interpreting, pruner
 
 
 @triton.jit(do_not_specialize=["N_Q"])
@@ -43,15 +44,17 @@ def _bwd_delta(O, DO, DELTA, sob, soh, son, sod, sdb, sdh, sdn, sdd, H_Q, N_Q,
     tl.store(DELTA + bh.to(tl.int64) * N_Q + offs_m, delta, mask=offs_m < N_Q)
 
 
-@triton.jit(do_not_specialize=["N_Q", "N_K", "offset", "window"])
-def _bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, MASK, THR,
+@triton.jit(do_not_specialize=["N_Q", "N_K", "N_LIST", "offset", "window"])
+def _bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, MASK, THR, QB_LIST, QB_COUNT,
               sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdob, sdoh, sdon, sdod,
               sdkb, sdkh, sdkn, sdkd, sdvb, sdvh, sdvn, sdvd, smb, smh, smn, smm,
-              H_Q, H_KV, GROUPS, N_Q, N_K, N_Q_KEY, N_K_KEY, scale, softcap, offset, window,
+              H_Q, H_KV, GROUPS, N_Q, N_K, N_Q_KEY, N_K_KEY, N_LIST, scale, softcap, offset, window,
               IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_MASK: tl.constexpr,
               HAS_SOFTCAP: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
               DOT_PREC: tl.constexpr, DOT_F32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-              HAS_THRESHOLD: tl.constexpr = False):
+              HAS_THRESHOLD: tl.constexpr = False, HAS_BLOCK_LIST: tl.constexpr = False):
+    """dk, dv of one block of keys and KV head. With ``HAS_BLOCK_LIST`` each query head of the group loops over
+    its list of query blocks (QB_LIST (b Hq, key blocks, N_LIST) int32, QB_COUNT of them) instead of the band."""
     start_n = tl.program_id(0) * BLOCK_N
     b, hk, _ = split_heads(tl.program_id(1), H_KV, 1)
     offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -72,7 +75,15 @@ def _bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, MASK, THR,
         do_base = DO + b * sdob + h * sdoh
         row_base = (b * H_Q + h) * N_Q
         mask_base = MASK + b * smb + h * smh
-        for start_m in range(q_lo, q_hi, BLOCK_M):
+        steps = tl.cdiv(q_hi - q_lo, BLOCK_M)
+        qb_row = QB_LIST + ((b * H_Q + h).to(tl.int64) * tl.num_programs(0) + tl.program_id(0)) * N_LIST
+        if HAS_BLOCK_LIST:
+            steps = tl.load(QB_COUNT + (b * H_Q + h).to(tl.int64) * tl.num_programs(0) + tl.program_id(0))
+        for i in range(0, steps):
+            if HAS_BLOCK_LIST:
+                start_m = tl.load(qb_row + i) * BLOCK_M
+            else:
+                start_m = q_lo + i * BLOCK_M
             offs_m = start_m + tl.arange(0, BLOCK_M)
             m_ok = offs_m < N_Q
             # transposed tiles (D_PAD, BLOCK_M): the block's math runs as (keys x queries)
@@ -107,15 +118,17 @@ def _bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, MASK, THR,
              dv.to(DV.dtype.element_ty), mask=kv_ok)
 
 
-@triton.jit(do_not_specialize=["N_Q", "N_K", "offset", "window"])
-def _bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, MASK, THR,
+@triton.jit(do_not_specialize=["N_Q", "N_K", "N_LIST", "offset", "window"])
+def _bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, MASK, THR, KB_LIST, KB_COUNT,
             sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdob, sdoh, sdon, sdod,
             sdqb, sdqh, sdqn, sdqd, smb, smh, smn, smm,
-            H_Q, GROUPS, N_Q, N_K, N_Q_KEY, N_K_KEY, scale, softcap, offset, window,
+            H_Q, GROUPS, N_Q, N_K, N_Q_KEY, N_K_KEY, N_LIST, scale, softcap, offset, window,
             IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_MASK: tl.constexpr,
             HAS_SOFTCAP: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
             DOT_PREC: tl.constexpr, DOT_F32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-            HAS_THRESHOLD: tl.constexpr = False):
+            HAS_THRESHOLD: tl.constexpr = False, HAS_BLOCK_LIST: tl.constexpr = False):
+    """dq of one block of queries and query head. With ``HAS_BLOCK_LIST`` the key loop runs over the block's list
+    (KB_LIST (programs, N_LIST) int32 key-block indices, KB_COUNT of them) instead of the band."""
     start_m = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1)
     b, h, hk, offs_m, offs_d, m_ok = row_block(tl.program_id(0), bh, H_Q, GROUPS, N_Q, BLOCK_M, D_PAD)
@@ -136,7 +149,15 @@ def _bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, MASK, THR,
 
     # keys that some query of [start_m, start_m + BLOCK_M) may see
     lo, hi = key_band(start_m, N_K, offset, window, IS_CAUSAL, HAS_WINDOW, BLOCK_M, BLOCK_N)
-    for start_n in range(lo, hi, BLOCK_N):
+    steps = tl.cdiv(hi - lo, BLOCK_N)
+    prog = bh.to(tl.int64) * tl.num_programs(0) + tl.program_id(0)
+    if HAS_BLOCK_LIST:
+        steps = tl.load(KB_COUNT + prog)
+    for i in range(0, steps):
+        if HAS_BLOCK_LIST:
+            start_n = tl.load(KB_LIST + prog * N_LIST + i) * BLOCK_N
+        else:
+            start_n = lo + i * BLOCK_N
         offs_n = start_n + tl.arange(0, BLOCK_N)
         kt = load_cols(k_base, offs_n, offs_d, skn, skd, N_K, HEAD_DIM, DOT_F32)
         vt = load_cols(v_base, offs_n, offs_d, svn, svd, N_K, HEAD_DIM, DOT_F32)
@@ -185,7 +206,7 @@ else:
 
 
 def flash_backward(do, q, k, v, o, lse, *, scaling, causal=False, offset=0, window=None, softcap=None,
-                   sinks=None, mask=None, threshold=None):
+                   sinks=None, mask=None, threshold=None, block_lists: tuple[BlockList, BlockList] | None = None):
     """Gradients of softmax attention: returns ``(dq, dk, dv, dsinks)``.
 
     ``q, do, o`` (b, Hq, n, d); ``k, v`` (b, Hkv, m, d) (kv head = h // (Hq // Hkv)); ``lse`` (b, Hq, n) fp32,
@@ -193,7 +214,9 @@ def flash_backward(do, q, k, v, o, lse, *, scaling, causal=False, offset=0, wind
     come back in the input dtype (dk, dv summed over the query heads of each KV head); ``dsinks`` is fp32
     (Hq,) or None without ``sinks``. Visibility, softcap, sinks and the per-row score ``threshold`` (kind
     ``topk``: keys, and the sink, scoring below it get no weight and no gradient) as in
-    ``flash_fwd.flash_forward``.
+    ``flash_fwd.flash_forward``. ``block_lists`` (with ``threshold``): the dk/dv kernel's lists (per key block, its
+    query blocks holding a kept key: ``block_map.plan(..., by_key=True)``) and the dq kernel's (per query block,
+    its key blocks); both kernels then skip the rest and launch with the lists' tiles.
     """
     b, hq, n, d = q.shape
     hkv, m = k.shape[1], k.shape[2]
@@ -227,18 +250,32 @@ def flash_backward(do, q, k, v, o, lse, *, scaling, causal=False, offset=0, wind
     common = dict(IS_CAUSAL=bool(causal), HAS_WINDOW=window is not None, HAS_MASK=mask_t is not None,
                   HAS_SOFTCAP=softcap is not None, HEAD_DIM=d, D_PAD=d_pad, DOT_PREC=dot_prec(q.dtype),
                   DOT_F32=dot_f32(q.dtype), HAS_THRESHOLD=threshold is not None)
-    if interpreting():
-        common.update(BLOCK_M=16, BLOCK_N=16, num_warps=1, num_stages=1)
-    scalars = (n, m, triton.next_power_of_2(n), triton.next_power_of_2(m), float(scaling),
-               float(softcap or 1.0), int(offset), int(window or 0))
-    _dkdv_tuned[lambda meta: (triton.cdiv(m, meta["BLOCK_N"]), b * hkv)](
-        q, k, v, do, lse, delta, dk, dv, mask_arg, thr_arg,
+    if block_lists is not None and threshold is None:
+        raise ValueError("flash_backward: block lists go with a threshold")
+    common["HAS_BLOCK_LIST"] = block_lists is not None
+    n_keys = (triton.next_power_of_2(n), triton.next_power_of_2(m))
+    scalars = (float(scaling), float(softcap or 1.0), int(offset), int(window or 0))
+    if block_lists is not None:  # the lists' own tiles, not autotuned
+        (dkdv_list, dq_list), (dkdv_run, dq_run) = block_lists, (_bwd_dkdv, _bwd_dq)
+        dkdv_launch, dq_launch = dkdv_list.launch, dq_list.launch
+    else:
+        dkdv_list = dq_list = None
+        dkdv_run, dq_run = _dkdv_tuned, _dq_tuned
+        dkdv_launch = dq_launch = (dict(INTERPRETER_BLOCKS, num_warps=1, num_stages=1) if interpreting() else {})
+
+    def lists(bl):
+        return (bl.order, bl.count, bl.order.shape[-1]) if bl is not None else (delta, delta, 0)
+
+    qb_list, qb_count, n_qb = lists(dkdv_list)
+    dkdv_run[lambda meta: (triton.cdiv(m, meta["BLOCK_N"]), b * hkv)](
+        q, k, v, do, lse, delta, dk, dv, mask_arg, thr_arg, qb_list, qb_count,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(), *ms,
-        hq, hkv, groups, *scalars, **common)
-    _dq_tuned[lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), b * hq)](
-        q, k, v, do, lse, delta, dq, mask_arg, thr_arg,
+        hq, hkv, groups, n, m, *n_keys, n_qb, *scalars, **common, **dkdv_launch)
+    kb_list, kb_count, n_kb = lists(dq_list)
+    dq_run[lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), b * hq)](
+        q, k, v, do, lse, delta, dq, mask_arg, thr_arg, kb_list, kb_count,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(), *ms,
-        hq, groups, *scalars, **common)
+        hq, groups, n, m, *n_keys, n_kb, *scalars, **common, **dq_launch)
     if sinks is not None:
         finite = torch.isfinite(lse)
         sink = sinks.detach().float()[None, :, None]

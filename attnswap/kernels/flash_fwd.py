@@ -28,7 +28,8 @@ import triton.language as tl
 
 from .tiles import (HEAD_DIMS, LOG2E, check_shapes, dot_f32, dot_prec, load_rows, mask_strides,  # noqa: F401
                     row_block, tanh)  # (HEAD_DIMS, LOG2E re-exported)
-from .tuning import configs, interpreting, pruner
+from .block_map import BlockList
+from .tuning import INTERPRETER_BLOCKS, configs, interpreting, pruner
 
 
 @triton.jit
@@ -130,15 +131,19 @@ def _finish(acc, l_i, m_i, sink_ptr, HAS_SINKS: tl.constexpr, thr=0.0, HAS_THRES
     return o, lse
 
 
-@triton.jit(do_not_specialize=["N_Q", "N_K", "offset", "window"])
-def _fwd_kernel(Q, K, V, O, LSE, SINKS, MASK, THR,
+@triton.jit(do_not_specialize=["N_Q", "N_K", "N_KB", "offset", "window"])
+def _fwd_kernel(Q, K, V, O, LSE, SINKS, MASK, THR, KB_LIST, KB_COUNT,
                 sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, son, sod,
                 smb, smkv, smg, smn, smm,
-                H_Q, GROUPS, N_Q, N_K, N_Q_KEY, N_K_KEY, qk_scale, scale, softcap, offset, window,
+                H_Q, GROUPS, N_Q, N_K, N_Q_KEY, N_K_KEY, N_KB, qk_scale, scale, softcap, offset, window,
                 IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_MASK: tl.constexpr,
                 HAS_SOFTCAP: tl.constexpr, HAS_SINKS: tl.constexpr,
                 HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, DOT_PREC: tl.constexpr, DOT_F32: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_THRESHOLD: tl.constexpr = False):
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_THRESHOLD: tl.constexpr = False,
+                HAS_BLOCK_LIST: tl.constexpr = False):
+    """o and lse of one block of queries and query head. With ``HAS_BLOCK_LIST`` (kind ``topk``) the key loop
+    runs over the block's list (KB_LIST (programs, N_KB) int32 key-block indices, KB_COUNT of them: the blocks
+    that hold a kept key), every listed block with the full visibility test, instead of the band's three ranges."""
     start_m = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1)
     b, h, hk, offs_m, offs_d, row_ok = row_block(tl.program_id(0), bh, H_Q, GROUPS, N_Q, BLOCK_M, D_PAD)
@@ -171,18 +176,28 @@ def _fwd_kernel(Q, K, V, O, LSE, SINKS, MASK, THR,
     acc = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    acc, l_i, m_i = _attn_range(acc, l_i, m_i, q, k_base, v_base, skn, skd, svn, svd, offs_m, row_ok, mask_rows,
-                                smm, lo, full_lo, N_K, qk_scale, scale, softcap, offset, window, thr,
-                                True, IS_CAUSAL, HAS_WINDOW, HAS_MASK, HAS_SOFTCAP, HEAD_DIM, D_PAD, DOT_PREC,
-                                DOT_F32, BLOCK_N, HAS_THRESHOLD)
-    acc, l_i, m_i = _attn_range(acc, l_i, m_i, q, k_base, v_base, skn, skd, svn, svd, offs_m, row_ok, mask_rows,
-                                smm, full_lo, full_hi, N_K, qk_scale, scale, softcap, offset, window, thr,
-                                False, IS_CAUSAL, HAS_WINDOW, HAS_MASK, HAS_SOFTCAP, HEAD_DIM, D_PAD, DOT_PREC,
-                                DOT_F32, BLOCK_N, HAS_THRESHOLD)
-    acc, l_i, m_i = _attn_range(acc, l_i, m_i, q, k_base, v_base, skn, skd, svn, svd, offs_m, row_ok, mask_rows,
-                                smm, full_hi, hi, N_K, qk_scale, scale, softcap, offset, window, thr,
-                                True, IS_CAUSAL, HAS_WINDOW, HAS_MASK, HAS_SOFTCAP, HEAD_DIM, D_PAD, DOT_PREC,
-                                DOT_F32, BLOCK_N, HAS_THRESHOLD)
+    if HAS_BLOCK_LIST:
+        prog = bh.to(tl.int64) * tl.num_programs(0) + tl.program_id(0)
+        kb_row = KB_LIST + prog * N_KB
+        for i in range(0, tl.load(KB_COUNT + prog)):
+            start_n = tl.load(kb_row + i) * BLOCK_N
+            acc, l_i, m_i = _attn_range(acc, l_i, m_i, q, k_base, v_base, skn, skd, svn, svd, offs_m, row_ok,
+                                        mask_rows, smm, start_n, start_n + BLOCK_N, N_K, qk_scale, scale, softcap,
+                                        offset, window, thr, True, IS_CAUSAL, HAS_WINDOW, HAS_MASK, HAS_SOFTCAP,
+                                        HEAD_DIM, D_PAD, DOT_PREC, DOT_F32, BLOCK_N, HAS_THRESHOLD)
+    else:
+        acc, l_i, m_i = _attn_range(acc, l_i, m_i, q, k_base, v_base, skn, skd, svn, svd, offs_m, row_ok,
+                                    mask_rows, smm, lo, full_lo, N_K, qk_scale, scale, softcap, offset, window,
+                                    thr, True, IS_CAUSAL, HAS_WINDOW, HAS_MASK, HAS_SOFTCAP, HEAD_DIM, D_PAD,
+                                    DOT_PREC, DOT_F32, BLOCK_N, HAS_THRESHOLD)
+        acc, l_i, m_i = _attn_range(acc, l_i, m_i, q, k_base, v_base, skn, skd, svn, svd, offs_m, row_ok,
+                                    mask_rows, smm, full_lo, full_hi, N_K, qk_scale, scale, softcap, offset,
+                                    window, thr, False, IS_CAUSAL, HAS_WINDOW, HAS_MASK, HAS_SOFTCAP, HEAD_DIM,
+                                    D_PAD, DOT_PREC, DOT_F32, BLOCK_N, HAS_THRESHOLD)
+        acc, l_i, m_i = _attn_range(acc, l_i, m_i, q, k_base, v_base, skn, skd, svn, svd, offs_m, row_ok,
+                                    mask_rows, smm, full_hi, hi, N_K, qk_scale, scale, softcap, offset, window,
+                                    thr, True, IS_CAUSAL, HAS_WINDOW, HAS_MASK, HAS_SOFTCAP, HEAD_DIM, D_PAD,
+                                    DOT_PREC, DOT_F32, BLOCK_N, HAS_THRESHOLD)
     o, lse = _finish(acc, l_i, m_i, SINKS + h, HAS_SINKS, thr, HAS_THRESHOLD)
     tl.store(O + b * sob + h * soh + offs_m[:, None] * son + offs_d[None, :] * sod, o.to(O.dtype.element_ty),
              mask=row_ok[:, None] & d_ok[None, :])
@@ -230,7 +245,8 @@ def use_split_kv(n: int, m: int, groups: int = 1) -> bool:
 
 
 def flash_forward(q, k, v, *, scaling, causal=False, offset=0, window=None, softcap=None, sinks=None, mask=None,
-                  split_kv: bool | None = None, threshold: torch.Tensor | None = None):
+                  split_kv: bool | None = None, threshold: torch.Tensor | None = None,
+                  block_list: BlockList | None = None):
     """Softmax attention forward: returns ``o`` (b, Hq, n, d) in q.dtype and ``lse`` (b, Hq, n) fp32.
 
     Query i sees key j iff (not causal or j <= i + offset) and (window is None or j > i + offset - window) and
@@ -239,10 +255,14 @@ def flash_forward(q, k, v, *, scaling, causal=False, offset=0, window=None, soft
     ``split_kv``: None = ``use_split_kv(n, m)``; True/False force the decode path on/off.
     ``threshold`` (b, Hq, n) fp32 (kind ``topk``): row i also loses every key whose score (natural units, after
     softcap) is below threshold[b, h, i], and the sink logit when it is below; -inf keeps everything.
+    ``block_list`` (kind ``topk``, with ``threshold``; not with the split-KV path): per query block the key blocks
+    that hold a kept key (``block_map.plan``); the others are skipped, and the launch takes the list's tiles.
     """
     b, hq, hkv, n, m, d, sinks_t = _common(q, k, v, sinks)
     if split_kv is None:
         split_kv = use_split_kv(n, m, hq // hkv)
+    if block_list is not None and (split_kv or threshold is None):
+        raise ValueError("flash_forward: a block list goes with a threshold, and not with the split-KV path")
     if split_kv:
         from .flash_decode import flash_decode
 
@@ -257,16 +277,22 @@ def flash_forward(q, k, v, *, scaling, causal=False, offset=0, window=None, soft
     d_pad = max(32, triton.next_power_of_2(d))
     dummy = o
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), b * hq)  # noqa: E731
-    _fwd_tuned[grid](
+    if block_list is not None:  # the list's own tiles, not autotuned
+        run, launch = _fwd_kernel[grid], block_list.launch
+        kb_list, kb_count = block_list.order, block_list.count
+    else:
+        run = _fwd_tuned[grid]
+        launch = dict(INTERPRETER_BLOCKS, num_warps=1, num_stages=1) if interpreting() else {}
+        kb_list = kb_count = lse
+    run(
         q, k, v, o, lse, sinks_t if sinks_t is not None else dummy, mask_t if mask_t is not None else dummy,
-        thr_t if thr_t is not None else lse,
+        thr_t if thr_t is not None else lse, kb_list, kb_count,
         *q.stride(), *k.stride(), *v.stride(), *o.stride(), *ms,
-        hq, hq // hkv, n, m, triton.next_power_of_2(n), triton.next_power_of_2(m), float(scaling) * LOG2E, float(scaling), float(softcap or 1.0), int(offset),
-        int(window or 0),
+        hq, hq // hkv, n, m, triton.next_power_of_2(n), triton.next_power_of_2(m), kb_list.shape[-1],
+        float(scaling) * LOG2E, float(scaling), float(softcap or 1.0), int(offset), int(window or 0),
         IS_CAUSAL=bool(causal), HAS_WINDOW=window is not None, HAS_MASK=mask_t is not None,
         HAS_SOFTCAP=softcap is not None, HAS_SINKS=sinks_t is not None,
         HEAD_DIM=d, D_PAD=d_pad, DOT_PREC=dot_prec(q.dtype), DOT_F32=dot_f32(q.dtype),
-        HAS_THRESHOLD=thr_t is not None,
-        **({"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 1, "num_stages": 1} if interpreting() else {}),
+        HAS_THRESHOLD=thr_t is not None, HAS_BLOCK_LIST=block_list is not None, **launch,
     )
     return o, lse

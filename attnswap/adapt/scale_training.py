@@ -13,7 +13,6 @@ from __future__ import annotations
 import torch
 
 from ..errors import AttnSwapError
-from ..progress import progress_bar
 from ..registry import SCORE_SCALE, LearnedScale
 
 DEFAULT_STEPS, DEFAULT_LR = 40, 0.02
@@ -28,7 +27,7 @@ def train_scales(model, kind: str, windows: torch.Tensor, layer_options: dict, *
     log-scales, warm-up then linear decay). Returns ({layer: {"score_scale": scales}}, the loss per step); the
     model is left swapped with the trained scales."""
     from ..patches.swap import swap_attention
-    from .finetune import _schedule, distill_loss, teacher_targets
+    from .finetune import distill_loss, run_steps, teacher_targets
 
     if not (isinstance(steps, int) and steps >= 1) or not (isinstance(lr, (int, float)) and lr > 0):
         raise AttnSwapError(f"end-to-end calibration needs steps >= 1 and lr > 0, got steps={steps!r}, lr={lr!r}")
@@ -39,30 +38,18 @@ def train_scales(model, kind: str, windows: torch.Tensor, layer_options: dict, *
     params = [s.log_scale for s in learned.values()]
     frozen = {p: p.requires_grad for p in model.parameters()}
     device = next(model.parameters()).device
-    optimizer = torch.optim.Adam(params, lr=lr)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _schedule(step, steps))
-    losses, bar = [], progress_bar(steps, "end-to-end scales", progress)
+
+    def step_loss(step):
+        slot = step % windows.shape[0]
+        return distill_loss(model(input_ids=windows[slot][None].to(device), use_cache=False).logits, teacher[slot])
+
     try:
         for p in frozen:
             p.requires_grad_(False)
-        with torch.enable_grad():
-            for step in range(steps):
-                slot = step % windows.shape[0]
-                loss = distill_loss(model(input_ids=windows[slot][None].to(device), use_cache=False).logits,
-                                    teacher[slot])
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                scheduler.step()
-                losses.append(loss.item())
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{losses[-1]:.3f}")
+        losses = run_steps(step_loss, params, torch.optim.Adam(params, lr=lr), steps, "end-to-end scales", progress)
     finally:
         for p, flag in frozen.items():
             p.requires_grad_(flag)
-        if bar is not None:
-            bar.close()
     trained = {layer: {SCORE_SCALE: s.values()} for layer, s in learned.items()}
     swap_attention(model, kind, layers=layers, impl=impl, layer_options=trained, **options)
     return trained, losses

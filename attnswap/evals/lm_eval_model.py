@@ -152,6 +152,10 @@ class AttnSwapLM(HFLM):
             from ..default_model import default_model_path
 
             pretrained = str(default_model_path())
+        elif isinstance(pretrained, str) and pretrained.startswith("pypi:"):  # a model shipped on PyPI
+            from ..default_model import model_path
+
+            pretrained = str(model_path(pretrained[len("pypi:"):]))
         try:
             super().__init__(pretrained=pretrained, **rest)
         except TypeError as e:

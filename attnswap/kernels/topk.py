@@ -53,6 +53,8 @@ joins a row's denominator only when it is at or above the row's threshold.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
@@ -465,9 +467,8 @@ def listed_config(kernel: str, d: int, dtype: torch.dtype, n: int, m: int) -> tu
     if interpreting():
         return INTERPRETER_BLOCKS["BLOCK_M"], INTERPRETER_BLOCKS["BLOCK_N"], 1, 1
     d_pad = max(32, triton.next_power_of_2(d))
-    table = _LISTED[kernel]
-    bm, bn, warps, stages = table["tight"] if d_pad >= 256 or dtype == torch.float32 else table[min(d_pad, 128)
-                                                                                             if d_pad > 64 else 64]
+    row = "tight" if d_pad >= 256 or dtype == torch.float32 else (64 if d_pad <= 64 else 128)
+    bm, bn, warps, stages = _LISTED[kernel][row]
     cap_m, cap_n = max(16, triton.next_power_of_2(n)), max(16, triton.next_power_of_2(m))
     return min(bm, cap_m), min(bn, cap_n), warps, stages
 
@@ -478,14 +479,19 @@ def _check_k_top(k_top) -> int:
     return k_top
 
 
+@dataclass
 class _Selection:
     """The threshold kernel's results: thr (b, Hq, n) fp32 (-inf where a row keeps every visible key), kept / seen
     (b, Hq, n) int32 (the sink column counted when there are sinks), passes (row blocks, PASS_STATS) int32 (its
     sweeps, 0 = unused entry; fallback rows; band key blocks; blocks sweeps 1-2 visited), and the key-block levels
     (b Hq, query blocks, key blocks) int8 (``block_map`` OUTSIDE / NO_WEIGHT / WEIGHT) on tiles ``tiles``."""
 
-    def __init__(self, thr, kept, seen, passes, levels, tiles):
-        self.thr, self.kept, self.seen, self.passes, self.levels, self.tiles = thr, kept, seen, passes, levels, tiles
+    thr: torch.Tensor
+    kept: torch.Tensor
+    seen: torch.Tensor
+    passes: torch.Tensor
+    levels: torch.Tensor
+    tiles: tuple
 
     def lists(self, q, n, m):
         """The block lists of the listed forward, dk/dv and dq launches (``block_map.plan``)."""

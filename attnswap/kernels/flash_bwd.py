@@ -44,6 +44,30 @@ def _bwd_delta(O, DO, DELTA, sob, soh, son, sod, sdb, sdh, sdn, sdd, H_Q, N_Q,
     tl.store(DELTA + bh.to(tl.int64) * N_Q + offs_m, delta, mask=offs_m < N_Q)
 
 
+@triton.jit
+def _loop_bounds(LIST, COUNT, prog, N_LIST, lo, hi, HAS_BLOCK_LIST: tl.constexpr):
+    """(list row, first i, end of i) of a key or query loop of program row ``prog``: i walks the list's entries
+    (``HAS_BLOCK_LIST``), else i is a block's first index over the band [lo, hi), as in a loop without a list."""
+    row_ptr = LIST
+    i_lo = lo
+    i_hi = hi
+    if HAS_BLOCK_LIST:
+        row_ptr = LIST + prog * N_LIST
+        i_lo = 0
+        i_hi = tl.load(COUNT + prog)
+    return row_ptr, i_lo, i_hi
+
+
+@triton.jit
+def _block_start(row_ptr, i, BLOCK: tl.constexpr, HAS_BLOCK_LIST: tl.constexpr):
+    """The first index of a loop's block: the i-th entry of the list at ``row_ptr`` (in blocks), or i itself (a loop
+    without a list runs i over the band in BLOCK steps)."""
+    start = i
+    if HAS_BLOCK_LIST:
+        start = tl.load(row_ptr + i) * BLOCK
+    return start
+
+
 @triton.jit(do_not_specialize=["N_Q", "N_K", "N_LIST", "offset", "window"])
 def _bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, MASK, THR, QB_LIST, QB_COUNT,
               sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdob, sdoh, sdon, sdod,
@@ -75,17 +99,10 @@ def _bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, MASK, THR, QB_LIST, QB_COUNT,
         do_base = DO + b * sdob + h * sdoh
         row_base = (b * H_Q + h) * N_Q
         mask_base = MASK + b * smb + h * smh
-        if HAS_BLOCK_LIST:  # i walks the list; else i is the block's first query, as without a list
-            prog = (b * H_Q + h).to(tl.int64) * tl.num_programs(0) + tl.program_id(0)
-            qb_row = QB_LIST + prog * N_LIST
-            i_lo, i_hi, i_step = 0, tl.load(QB_COUNT + prog), 1
-        else:
-            i_lo, i_hi, i_step = q_lo, q_hi, BLOCK_M
-        for i in range(i_lo, i_hi, i_step):
-            if HAS_BLOCK_LIST:
-                start_m = tl.load(qb_row + i) * BLOCK_M
-            else:
-                start_m = i
+        qb_row, i_lo, i_hi = _loop_bounds(QB_LIST, QB_COUNT, (b * H_Q + h).to(tl.int64) * tl.num_programs(0)
+                                          + tl.program_id(0), N_LIST, q_lo, q_hi, HAS_BLOCK_LIST)
+        for i in range(i_lo, i_hi, 1 if HAS_BLOCK_LIST else BLOCK_M):
+            start_m = _block_start(qb_row, i, BLOCK_M, HAS_BLOCK_LIST)
             offs_m = start_m + tl.arange(0, BLOCK_M)
             m_ok = offs_m < N_Q
             # transposed tiles (D_PAD, BLOCK_M): the block's math runs as (keys x queries)
@@ -151,17 +168,10 @@ def _bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, MASK, THR, KB_LIST, KB_COUNT,
 
     # keys that some query of [start_m, start_m + BLOCK_M) may see
     lo, hi = key_band(start_m, N_K, offset, window, IS_CAUSAL, HAS_WINDOW, BLOCK_M, BLOCK_N)
-    if HAS_BLOCK_LIST:  # i walks the list; else i is the block's first key, as without a list
-        prog = bh.to(tl.int64) * tl.num_programs(0) + tl.program_id(0)
-        kb_row = KB_LIST + prog * N_LIST
-        i_lo, i_hi, i_step = 0, tl.load(KB_COUNT + prog), 1
-    else:
-        i_lo, i_hi, i_step = lo, hi, BLOCK_N
-    for i in range(i_lo, i_hi, i_step):
-        if HAS_BLOCK_LIST:
-            start_n = tl.load(kb_row + i) * BLOCK_N
-        else:
-            start_n = i
+    kb_row, i_lo, i_hi = _loop_bounds(KB_LIST, KB_COUNT, bh.to(tl.int64) * tl.num_programs(0) + tl.program_id(0),
+                                      N_LIST, lo, hi, HAS_BLOCK_LIST)
+    for i in range(i_lo, i_hi, 1 if HAS_BLOCK_LIST else BLOCK_N):
+        start_n = _block_start(kb_row, i, BLOCK_N, HAS_BLOCK_LIST)
         offs_n = start_n + tl.arange(0, BLOCK_N)
         kt = load_cols(k_base, offs_n, offs_d, skn, skd, N_K, HEAD_DIM, DOT_F32)
         vt = load_cols(v_base, offs_n, offs_d, svn, svd, N_K, HEAD_DIM, DOT_F32)

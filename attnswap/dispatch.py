@@ -145,17 +145,13 @@ def project(projection, query: torch.Tensor, key: torch.Tensor):
 def scale_queries(query: torch.Tensor, scale) -> torch.Tensor:
     """query (b, Hq, n, d) times a score scale: one number, one per query head, or a ``LearnedScale`` (computed in
     fp32; differentiable in the learned scale)."""
-    if isinstance(scale, registry.LearnedScale):
-        factor = scale.factor(query.device)
+    if isinstance(scale, (tuple, registry.LearnedScale)):  # one per query head
+        factor = (scale.factor(query.device) if isinstance(scale, registry.LearnedScale)
+                  else torch.tensor(scale, dtype=torch.float32, device=query.device))
         if factor.numel() != query.shape[1]:
-            raise AttnSwapError(f"the learned score scale has {factor.numel()} values but the attention has "
-                                f"{query.shape[1]} query heads")
-        return (query.float() * factor.view(1, -1, 1, 1)).to(query.dtype)
-    if isinstance(scale, tuple):
-        if len(scale) != query.shape[1]:
-            raise AttnSwapError(f"score_scale has {len(scale)} values but the attention has {query.shape[1]} query "
-                                "heads; give one number or one per query head")
-        factor = torch.tensor(scale, dtype=torch.float32, device=query.device).view(1, -1, 1, 1)
+            raise AttnSwapError(f"score_scale has {factor.numel()} values but the attention has {query.shape[1]} "
+                                "query heads; give one number or one per query head")
+        factor = factor.view(1, -1, 1, 1)
     elif scale == 1.0:
         return query
     else:

@@ -16,7 +16,6 @@ from ..errors import AttnSwapError
 from ..registry import SCORE_SCALE, LearnedScale
 
 DEFAULT_STEPS, DEFAULT_LR = 40, 0.02
-DISTILL_TOP = 64  # teacher tokens kept per position (finetune's default)
 
 
 def train_scales(model, kind: str, windows: torch.Tensor, layer_options: dict, *, layers=None, impl: str = "auto",
@@ -27,14 +26,14 @@ def train_scales(model, kind: str, windows: torch.Tensor, layer_options: dict, *
     log-scales, warm-up then linear decay). Returns ({layer: {"score_scale": scales}}, the loss per step); the
     model is left swapped with the trained scales."""
     from ..patches.swap import swap_attention
-    from .finetune import distill_loss, run_steps, teacher_targets
+    from .finetune import DEFAULT_TOP, distill_loss, run_steps, teacher_targets
 
     if not (isinstance(steps, int) and steps >= 1) or not (isinstance(lr, (int, float)) and lr > 0):
         raise AttnSwapError(f"end-to-end calibration needs steps >= 1 and lr > 0, got steps={steps!r}, lr={lr!r}")
     learned = {layer: LearnedScale(opts[SCORE_SCALE]) for layer, opts in layer_options.items()}
     handle = swap_attention(model, kind, layers=layers, impl=impl,
                             layer_options={layer: {SCORE_SCALE: s} for layer, s in learned.items()}, **options)
-    teacher = teacher_targets(model, handle, windows, top=DISTILL_TOP, progress=progress)
+    teacher = teacher_targets(model, handle, windows, top=DEFAULT_TOP, progress=progress)
     params = [s.log_scale for s in learned.values()]
     frozen = {p: p.requires_grad for p in model.parameters()}
     device = next(model.parameters()).device

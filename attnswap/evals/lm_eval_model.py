@@ -148,14 +148,11 @@ class AttnSwapLM(HFLM):
     def __init__(self, pretrained: Any = "default", **kwargs):
         swap_dir, kwargs = split_swap_arg(kwargs)
         kind, options, layers, impl, rest = split_model_args(kwargs)
-        if isinstance(pretrained, str) and pretrained.strip().lower() in ("", "default"):
-            from ..default_model import default_model_path
+        from ..default_model import named_model_path
 
-            pretrained = str(default_model_path())
-        elif isinstance(pretrained, str) and pretrained.startswith("pypi:"):  # a model shipped on PyPI
-            from ..default_model import model_path
-
-            pretrained = str(model_path(pretrained[len("pypi:"):]))
+        named = named_model_path(pretrained) if isinstance(pretrained, str) else None  # default, or pypi:NAME
+        if named is not None:
+            pretrained = str(named)
         try:
             super().__init__(pretrained=pretrained, **rest)
         except TypeError as e:

@@ -31,14 +31,11 @@ def load_model(path: str | None = None, *, dtype: str = "float32", device: str =
     tokenizer from (default: the model's own)."""
     from transformers import AutoModelForCausalLM
 
-    if path in (None, "", "default"):
-        from ..default_model import default_model_path
+    from ..default_model import named_model_path
 
-        path = default_model_path()
-    elif str(path).startswith("pypi:"):
-        from ..default_model import model_path
-
-        path = model_path(str(path)[len("pypi:"):])
+    named = named_model_path(path)
+    if named is not None:
+        path = named
     elif not Path(path).is_dir() or not (Path(path) / "config.json").exists():
         raise AttnSwapError(f"model path {str(path)!r} is not a folder with a config.json "
                             "(a Hugging Face model saved with save_pretrained)")

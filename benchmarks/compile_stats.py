@@ -156,17 +156,23 @@ def _drive(kind: str, d: int, dtype) -> None:
         # one decode step against 4096 keys; splits given (the default asks the GPU for its SM count)
         kd, vd = (torch.zeros(b, hkv, 4096, d, dtype=dtype) for _ in range(2))
         flash_decode(q[:, :, :1], kd, vd, scaling=scaling, causal=True, offset=4095, splits=66)
-    elif kind in ("linear", "taylor"):
-        from attnswap.kernels.chunked_linear import chunked_attention
+    elif kind == "linear":  # the chunk-parallel engine over features (linear_parallel): ELU+1, F = d
+        from attnswap.kernels.linear_parallel import parallel_linear_attention
+        from attnswap.kinds.linear import elu_plus_one
 
-        both(lambda q, k, v: chunked_attention(q, k, v, feature=kind, scaling=scaling, causal=True))
-        if kind == "linear":  # the chunk-parallel engine over features (linear_parallel): ELU+1, F = d
-            from attnswap.kernels.linear_parallel import parallel_linear_attention
-            from attnswap.kinds.linear import elu_plus_one
+        mask = torch.ones(b, n, dtype=torch.bool)
+        for kw in ({"causal": True}, {"causal": False}, {"causal": True, "window": 256, "key_mask": mask}):
+            both(lambda q, k, v, kw=kw: parallel_linear_attention(elu_plus_one(q), elu_plus_one(k), v, **kw))
+    elif kind == "taylor":  # the score form (flash kernels, Taylor weights) and the feature form (the engine)
+        from attnswap.kernels.flash_bwd import flash_backward
+        from attnswap.kernels.flash_fwd import flash_forward
+        from attnswap.kernels.linear_parallel import parallel_linear_attention
+        from attnswap.kinds.taylor import make_feature_map
 
-            mask = torch.ones(b, n, dtype=torch.bool)
-            for kw in ({"causal": True}, {"causal": False}, {"causal": True, "window": 256, "key_mask": mask}):
-                both(lambda q, k, v, kw=kw: parallel_linear_attention(elu_plus_one(q), elu_plus_one(k), v, **kw))
+        o, lse = flash_forward(q, k, v, scaling=scaling, causal=True, taylor=True)
+        flash_backward(torch.zeros_like(o), q, k, v, o, lse, scaling=scaling, causal=True, taylor=True)
+        phi = make_feature_map(scaling)
+        both(lambda q, k, v: parallel_linear_attention(phi(q), phi(k), v, causal=True))
     else:
         raise ValueError(f"unknown kind {kind!r}; valid: {','.join(KINDS)}")
 

@@ -52,4 +52,13 @@ step "${SPARSE_DECODE_S:-60}" sparse-decode python3 benchmarks/sparse_attention.
     --rows 4194304 --baselines softmax,sdpa --out "$OUT"
 step "${LINEAR_S:-90}" linear python3 benchmarks/linear_attention.py --lengths 1k,4k,16k,64k --decode-lengths 1k,16k \
     --out "$OUT"
+# issue 16: our engines beside fla's on the same inputs (linear: chunk_linear_attn on the same ELU+1 / Hedgehog
+# features; taylor: both our forms -- their crossover sets kernels/taylor.FEATURE_FORM_FROM -- and parallel_based),
+# forward and forward + backward, d 64 and 128
+step "${ENGINES_S:-150}" engines python3 benchmarks/linear_attention.py --modes engines --lengths 1k,4k,16k,32k,64k \
+    --engine-dims 64,128 --repeats 5 --out "$OUT"
+# issue 16's decode lines: a random 1B Llama (Llama 3.2 1B's shape) at 32k context, batch 1 and 16: linear with the
+# StateCache against the model's own attention with a K/V cache filled to 32k; then the largest batch each fits
+step "${BATCH_S:-150}" batch python3 benchmarks/linear_attention.py --modes batch --model llama-1b --kinds linear \
+    --decode-lengths 32k --batches 1,16 --max-batch 512 --new-tokens 16 --out "$OUT"
 ls -la "$OUT"

@@ -178,6 +178,35 @@ def test_decode_skipped_without_state_cache(tmp_path, monkeypatch, capsys):
     assert rows == [] and "StateCache" in capsys.readouterr().out
 
 
+def test_linear_attention_engines_in_the_interpreter(tmp_path, one_thread_here):
+    """The engines mode (ours beside fla's on the same inputs; fla only on a GPU): every engine of ours runs forward
+    and forward + backward, each row against the softmax kernel of its (N, d, pass)."""
+    rows = linear_attention.main(["--modes", "engines", "--device", "cpu", "--lengths", "32", "--engine-dims", "32",
+                                  "--heads", "2", "--kv-heads", "1", "--warmup", "0", "--repeats", "1",
+                                  "--out", str(tmp_path)])
+    got = {(r["passes"], r["kind"], r["impl"], r.get("feature_map"), r.get("form")) for r in rows}
+    ours = {("softmax", "triton", None, None), ("linear", "engine", "elu", None), ("linear", "engine", "hedgehog", None),
+            ("taylor", "triton", None, "quadratic"), ("taylor", "triton", None, "linear_time")}
+    assert got == {(p, *e) for p in ("fwd", "fwd+bwd") for e in ours}
+    assert all(r["ms"] > 0 and not r.get("error") and r["baseline"] == "softmax (triton)" for r in rows)
+
+
+def test_linear_attention_batch_mode(tmp_path, one_thread_here):
+    """The batch mode: a Llama of the 1B shape (one layer here) decodes at each batch with its own K/V cache filled to
+    the context and with the StateCache; the largest batch search stops at --max-batch."""
+    rows = linear_attention.main(["--modes", "batch", "--device", "cpu", "--model", "llama-1b", "--smoke",
+                                  "--layers", "1", "--decode-lengths", "32", "--batches", "1,2", "--max-batch", "2",
+                                  "--new-tokens", "2", "--kinds", "linear", "--out", str(tmp_path)])
+    steps = [r for r in rows if r["mode"] == "batch"]
+    assert {(r["kind"], r["b"]) for r in steps} == {(k, b) for k in ("own", "linear") for b in (1, 2)}
+    for r in steps:
+        assert r["ms"] > 0 and r["tokens_per_s"] == pytest.approx(r["b"] * 1e3 / r["ms"]) and r["cache_bytes"] > 0
+        assert (r["hq"], r["hkv"], r["d"]) == (32, 8, 64)
+    own = {r["b"]: r["cache_bytes"] for r in steps if r["kind"] == "own"}
+    assert own[2] == 2 * own[1] == 2 * 2 * 8 * (32 + 3) * 64 * 4  # fp32 K and V of 32 tokens + 3 steps, per row
+    assert {(r["kind"], r["b"]) for r in rows if r["mode"] == "max_batch"} == {("own", 2), ("linear", 2)}
+
+
 def test_bad_arguments_name_the_choices():
     with pytest.raises(SystemExit, match="valid choices: entmax,sparsemax,topk"):
         sparse_attention.parse_args(["--device", "cpu", "--kinds", "entmax,flash"])

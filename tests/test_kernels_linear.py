@@ -1,8 +1,10 @@
-"""Chunked Triton kernels of the feature-map kinds ``linear`` and ``taylor`` (``attnswap/kernels/chunked_linear.py``)
-against their PyTorch references: ``attnswap.attention(..., impl="triton")`` vs ``impl="torch"`` (computed in
-float64), forward and backward (q, k, v, and sinks for taylor). Without CUDA the kernels run in the Triton
-interpreter with chunk 16 on small shapes (so a 64-long input crosses several chunks and the running state,
-its window subtraction and its rebuild are all exercised); on a GPU the same tests run larger shapes.
+"""Triton paths of the feature-map kinds against their PyTorch references: ``attnswap.attention(...,
+impl="triton")`` vs ``impl="torch"`` (computed in float64), forward and backward (q, k, v, and sinks for taylor).
+``linear`` runs the chunk-parallel engine (``kernels/linear_parallel.py``); ``taylor`` both of its forms
+(``kernels/taylor.py``): "taylor" below forces the feature form (the symmetric map through the same engine),
+"taylor_scores" the score form (the flash kernels with Taylor weights). Without CUDA the kernels run in the Triton
+interpreter with chunk 16 on small shapes (so a 64-long input crosses several chunks, prefix states and window
+differences included); on a GPU the same tests run larger shapes.
 """
 
 import pytest
@@ -22,7 +24,10 @@ from hypothesis import given, settings, strategies as st  # noqa: E402
 
 # fp32 forward: linear sums positive terms, 1e-5 holds; taylor's state sums (q.k)^2-weighted terms and removes
 # window keys by subtraction, so its rounding is a few ulps of the largest state entry: 1e-4.
-FWD_TOL = {("linear", torch.float32): 1e-5, ("taylor", torch.float32): 1e-4}
+FWD_TOL = {("linear", torch.float32): 1e-5, ("taylor", torch.float32): 1e-4, ("taylor_scores", torch.float32): 1e-5}
+# test name -> (kind, options that pick the path)
+VARIANTS = {"linear": ("linear", {}), "taylor": ("taylor", {"form": "linear_time"}),
+            "taylor_scores": ("taylor", {"form": "quadratic"})}
 LOW_TOL = 2e-2
 GRAD_TOL = 1e-4
 
@@ -33,12 +38,13 @@ def close(got, want, tol, what=""):
     assert err <= tol, f"{what}: max relative-ish error {err:.3g} > {tol}"
 
 
-def forward_both(kind, q, k, v, **kw):
-    out = attnswap.attention(q, k, v, kind, impl="triton", **kw)
+def forward_both(name, q, k, v, **kw):
+    kind, form = VARIANTS[name]
+    out = attnswap.attention(q, k, v, kind, impl="triton", **form, **kw)
     kw64 = dict(kw)
     if kw64.get("sinks") is not None:
         kw64["sinks"] = kw64["sinks"].double()
-    ref = attnswap.attention(q.double(), k.double(), v.double(), kind, impl="torch", **kw64)
+    ref = attnswap.attention(q.double(), k.double(), v.double(), kind, impl="torch", form="quadratic", **kw64)
     assert out.dtype == q.dtype and out.shape == ref.shape
     assert torch.isfinite(out).all()
     return out, ref
@@ -50,30 +56,31 @@ def check_forward(kind, q, k, v, **kw):
     return out, ref
 
 
-def check_backward(kind, q, k, v, sinks=None, tol=GRAD_TOL, **kw):
+def check_backward(name, q, k, v, sinks=None, tol=GRAD_TOL, **kw):
     """Gradients of sum(out * do) wrt q, k, v (and sinks) against float64 autograd through the reference."""
     do = torch.randn(q.shape[:-1] + (v.shape[-1],), generator=torch.Generator().manual_seed(1)).to(DEV)
     leaves = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
     s_leaf = sinks.detach().clone().requires_grad_(True) if sinks is not None else None
     extra = {} if s_leaf is None else {"sinks": s_leaf}
-    out = attnswap.attention(*leaves, kind, impl="triton", **kw, **extra)
+    kind, form = VARIANTS[name]
+    out = attnswap.attention(*leaves, kind, impl="triton", **form, **kw, **extra)
     wrt = leaves + ([s_leaf] if s_leaf is not None else [])
     got = torch.autograd.grad(out, wrt, do.to(out.dtype))
     ref_leaves = [t.detach().double().requires_grad_(True) for t in (q, k, v)]
     s_ref = sinks.detach().double().requires_grad_(True) if sinks is not None else None
     extra = {} if s_ref is None else {"sinks": s_ref}
-    ref = attnswap.attention(*ref_leaves, kind, impl="torch", **kw, **extra)
+    ref = attnswap.attention(*ref_leaves, kind, impl="torch", form="quadratic", **kw, **extra)
     want = torch.autograd.grad(ref, ref_leaves + ([s_ref] if s_ref is not None else []), do.double())
-    for name, a, b in zip(("dq", "dk", "dv", "dsinks"), got, want):
-        assert torch.isfinite(a).all(), name
-        close(a, b, tol, f"{kind} {name}")
+    for what, a, b in zip(("dq", "dk", "dv", "dsinks"), got, want):
+        assert torch.isfinite(a).all(), what
+        close(a, b, tol, f"{name} {what}")
 
 
 def opts(kind, d):
-    return {"scaling": d ** -0.5} if kind == "taylor" else {}
+    return {"scaling": d ** -0.5} if kind.startswith("taylor") else {}
 
 
-KINDS = ("linear", "taylor")
+KINDS = tuple(VARIANTS)
 # (b, hq, hkv, n, m, d, causal, window)
 CASES = [
     (1, 2, 2, 64 * S, 64 * S, 16, True, None),  # n == m, several chunks
@@ -97,8 +104,9 @@ def test_forward_and_backward(kind, case):
 @pytest.mark.parametrize("kind", KINDS)
 def test_odd_head_dims(kind):
     """d = 24 and dv = 40 (not powers of two): padded feature columns stay out, and the value columns split
-    into tiles (16 wide in the interpreter, the last one partial) whose dq/dk partials are summed."""
-    q, k, v = make(1, 2, 1, 20, 27, 24, dv=40, seed=9)
+    into tiles (16 wide in the interpreter, the last one partial) whose dq/dk partials are summed. (The score form
+    takes dv = d only: 24 for both, padded to 32 in registers.)"""
+    q, k, v = make(1, 2, 1, 20, 27, 24, dv=24 if kind == "taylor_scores" else 40, seed=9)
     check_forward(kind, q, k, v, causal=True, **opts(kind, 24))
     check_backward(kind, q, k, v, causal=True, **opts(kind, 24))
 
@@ -120,12 +128,17 @@ def test_key_padding_and_empty_rows(kind):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_key_padding_per_head(kind):
-    """A (1, Hq, 1, m) key mask that differs between the query heads of one KV head (GQA 2): dk/dv are masked per
-    query head before the group sum."""
+    """A (1, Hq, 1, m) key mask that differs between the query heads of one KV head (GQA 2): the score form takes
+    it (dk/dv masked per query head before the group sum); the engine's states are per KV head, so the feature
+    forms decline it with a reason (``impl="triton"`` is then an error; dispatch's default runs the reference)."""
     q, k, v = make(1, 2, 1, 19, 30, 16, seed=12)
     mask = torch.ones(1, 2, 1, 30, dtype=torch.bool, device=DEV)
     mask[0, 0, 0, :9] = False
     mask[0, 1, 0, 20:] = False
+    if kind != "taylor_scores":
+        with pytest.raises(AttnSwapError, match="shared by all heads"):
+            check_forward(kind, q, k, v, mask=mask, causal=True, **opts(kind, 16))
+        return
     check_forward(kind, q, k, v, mask=mask, causal=True, **opts(kind, 16))
     check_backward(kind, q, k, v, mask=mask, causal=True, **opts(kind, 16))
 
@@ -148,13 +161,43 @@ def test_low_precision(kind, dtype):
         check_backward(kind, q, k, v, causal=True, tol=LOW_TOL, **opts(kind, 32))
 
 
+@pytest.mark.parametrize("name", ("taylor", "taylor_scores"))
 @pytest.mark.parametrize("window", (None, 12))
-def test_taylor_sinks(window):
-    """A sink's Taylor weight joins every denominator; its gradient too."""
+def test_taylor_sinks(name, window):
+    """A sink's Taylor weight joins every denominator; its gradient too (both forms)."""
     q, k, v = make(1, 3, 1, 33, 33, 16, seed=6)
     sinks = torch.tensor([0.5, -1.0, 2.0], device=DEV)
-    check_forward("taylor", q, k, v, causal=True, window=window, sinks=sinks)
-    check_backward("taylor", q, k, v, sinks=sinks, causal=True, window=window)
+    check_forward(name, q, k, v, causal=True, window=window, sinks=sinks)
+    check_backward(name, q, k, v, sinks=sinks, causal=True, window=window)
+
+
+def test_taylor_score_form_takes_softcap_and_dense_masks():
+    """What has no linear-time form runs the score form: a softcap, a dense bool mask (forward and backward)."""
+    q, k, v = make(1, 2, 1, 30, 30, 32, seed=14)
+    dense = torch.rand(1, 1, 30, 30, generator=torch.Generator().manual_seed(2)).to(DEV) > 0.3
+    check_forward("taylor_scores", q, k, v, causal=True, softcap=2.0, scaling=32 ** -0.5)
+    check_backward("taylor_scores", q, k, v, causal=True, softcap=2.0, scaling=32 ** -0.5)
+    check_forward("taylor_scores", q, k, v, mask=dense, scaling=32 ** -0.5)
+    check_backward("taylor_scores", q, k, v, mask=dense, scaling=32 ** -0.5)
+
+
+def test_taylor_auto_form(monkeypatch):
+    """``form="auto"``: the feature form from FEATURE_FORM_FROM keys (and 2 x 128 queries), the score form below it
+    and whenever only it can run the inputs (softcap, dense mask); the feature form when only it can (dv != d)."""
+    q, k, v = make(1, 2, 1, 256, 256, 16, seed=15)
+    vis = Visibility(n=256, m=256, causal=True)
+    assert taylor_kernel.choose_form(q, k, v, vis)[0] == "scores"
+    monkeypatch.setattr(taylor_kernel, "FEATURE_FORM_FROM", 256)
+    assert taylor_kernel.choose_form(q, k, v, vis)[0] == "features"
+    assert taylor_kernel.choose_form(q[:, :, :255], k, v, vis)[0] == "scores"
+    assert taylor_kernel.choose_form(q, k, v, vis, softcap=5.0)[0] == "scores"
+    dense = Visibility(n=256, m=256, mask=torch.ones(1, 1, 1, 256, 256, dtype=torch.bool, device=DEV))
+    assert taylor_kernel.choose_form(q, k, v, dense)[0] == "scores"
+    monkeypatch.setattr(taylor_kernel, "FEATURE_FORM_FROM", 8192)
+    wide_v = torch.zeros(1, 1, 256, 24, device=DEV)
+    assert taylor_kernel.choose_form(q, k, wide_v, vis)[0] == "features"
+    chosen, why = taylor_kernel.choose_form(q, k, v, vis, form="linear_time", softcap=5.0)
+    assert chosen is None and "softcap" in why
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -163,10 +206,11 @@ def test_prefill_in_chunks_equals_full_forward(kind):
     forward's second half."""
     n, half = 48, 23
     q, k, v = make(1, 2, 1, n, n, 16, seed=7)
-    full = attnswap.attention(q, k, v, kind, impl="triton", causal=True, **opts(kind, 16))
-    first = attnswap.attention(q[:, :, :half], k[:, :, :half], v[:, :, :half], kind, impl="triton", causal=True,
-                               **opts(kind, 16))
-    second = attnswap.attention(q[:, :, half:], k, v, kind, impl="triton", causal=True, **opts(kind, 16))
+    name, (kind, form) = kind, VARIANTS[kind]
+    kw = dict(impl="triton", causal=True, **form, **opts(name, 16))
+    full = attnswap.attention(q, k, v, kind, **kw)
+    first = attnswap.attention(q[:, :, :half], k[:, :, :half], v[:, :, :half], kind, **kw)
+    second = attnswap.attention(q[:, :, half:], k, v, kind, **kw)
     close(torch.cat([first, second], dim=2), full, 1e-5, "prefill in chunks")
 
 
@@ -179,31 +223,32 @@ def test_linear_eps():
 
 
 def test_supports_declines():
-    """Dense masks, softcap (taylor), float biases, big head dims, an unknown feature map and the hedgehog map with
-    per-head key padding are declined with a reason."""
+    """Dense masks (linear, taylor's feature form), softcap (taylor's feature form), head dims above 256, an unknown
+    feature map and per-head key padding (linear) are declined with a reason."""
     q, k, v = make(1, 2, 1, 8, 8, 16)
     dense = Visibility(n=8, m=8, mask=torch.ones(1, 1, 1, 8, 8, dtype=torch.bool, device=DEV))
     padding = Visibility(n=8, m=8, mask=torch.ones(1, 1, 1, 1, 8, dtype=torch.bool, device=DEV))
-    for module in (linear_kernel, taylor_kernel):
-        ok, why = module.supports(q, k, v, dense, scaling=0.25)
+    for module, form in ((linear_kernel, "auto"), (taylor_kernel, "linear_time")):
+        ok, why = module.supports(q, k, v, dense, scaling=0.25, form=form)
         assert not ok and "dense mask" in why
-        assert module.supports(q, k, v, padding, scaling=0.25)[0]
-        wide = torch.zeros(1, 1, 8, 256, device=DEV)
-        ok, why = module.supports(wide, wide, wide, padding, scaling=0.25)
-        assert not ok and "128" in why
-    ok, why = taylor_kernel.supports(q, k, v, padding, scaling=0.25, softcap=5.0)
+        assert module.supports(q, k, v, padding, scaling=0.25, form=form)[0]
+        wide = torch.zeros(1, 1, 8, 512, device=DEV)
+        ok, why = module.supports(wide, wide, wide, padding, scaling=0.25, form=form)
+        assert not ok and "256" in why
+    assert taylor_kernel.supports(q, k, v, dense, scaling=0.25)[0]  # auto: the score form
+    ok, why = taylor_kernel.supports(q, k, v, padding, scaling=0.25, softcap=5.0, form="linear_time")
     assert not ok and "softcap" in why
     with pytest.raises(AttnSwapError, match="softcap"):
-        attnswap.attention(q, k, v, "taylor", impl="triton", softcap=5.0)
+        attnswap.attention(q, k, v, "taylor", impl="triton", softcap=5.0, form="linear_time")
     with pytest.raises(AttnSwapError, match="dense mask"):
         attnswap.attention(q, k, v, "linear", impl="triton", mask=torch.ones(1, 1, 8, 8, dtype=torch.bool))
     assert linear_kernel.supports(q, k, v, padding, feature_map="hedgehog")[0]
     ok, why = linear_kernel.supports(q, k, v, padding, feature_map="cosine")
     assert not ok and "cosine" in why and "hedgehog" in why
     per_head = Visibility(n=8, m=8, mask=torch.ones(1, 1, 2, 1, 8, dtype=torch.bool, device=DEV))
-    assert linear_kernel.supports(q, k, v, per_head)[0]  # ELU+1: the sequential engine takes it
-    ok, why = linear_kernel.supports(q, k, v, per_head, feature_map="hedgehog")
-    assert not ok and "shared by all heads" in why
+    for feature_map in ("elu", "hedgehog"):
+        ok, why = linear_kernel.supports(q, k, v, per_head, feature_map=feature_map)
+        assert not ok and "shared by all heads" in why
 
 
 def test_hedgehog_through_the_kernel():
@@ -225,20 +270,3 @@ def test_hedgehog_through_the_kernel():
 def test_random_shapes(kind, n, extra, groups, causal, window):
     q, k, v = make(1, groups, 1, n, n + extra, 16, seed=n + extra)
     check_forward(kind, q, k, v, causal=causal, window=window, **opts(kind, 16))
-
-
-@pytest.mark.parametrize("kind", KINDS)
-def test_chunk_and_value_tile_do_not_change_the_result(kind):
-    """The engine with chunk 32 and one 32-wide value tile equals chunk 16 with two 16-wide tiles (the GPU runs
-    chunk 64): the state hand-over between chunks and the tile split are exact up to rounding."""
-    from attnswap.kernels.chunked_linear import FEATURES, sweep
-
-    q, k, v = make(1, 2, 1, 45, 45, 32, seed=10)
-    g = torch.randn(q.shape, generator=torch.Generator().manual_seed(11)).to(DEV)
-    kw = dict(feature=FEATURES[kind], scaling=32 ** -0.5, causal=True, offset=0, window=35, k_groups=2, x=g,
-              want_out=True, want_grad=True)
-    small = sweep(q, k, v, chunk=16, value_tile=16, **kw)
-    big = sweep(q, k, v, chunk=32, value_tile=32, **kw)
-    for name, a, b in zip(("num", "den", "dq"), small, big):  # unnormalized sums: relative to their largest entry
-        scale = b.abs().max()
-        close(a / scale, b / scale, 1e-5, f"{kind} {name}")

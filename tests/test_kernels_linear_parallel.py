@@ -19,6 +19,7 @@ from kernel_env import DEV  # noqa: E402  (the interpreter is chosen in conftest
 import attnswap  # noqa: E402
 import attnswap.kernels  # noqa: E402,F401  (registers the kernels)
 from attnswap.kernels import linear as linear_kernel  # noqa: E402
+from attnswap.errors import AttnSwapError  # noqa: E402
 from attnswap.kernels import linear_parallel as lp  # noqa: E402
 from attnswap.kinds.linear import elu_plus_one, hedgehog  # noqa: E402
 
@@ -203,7 +204,8 @@ def test_grid_has_a_program_per_head_and_chunk():
 
 def test_linear_kind_routes_here(monkeypatch):
     """``attnswap.attention(..., "linear", impl="triton")`` runs this engine for causal / non-causal / windowed
-    inputs with key padding shared by the heads, and the sequential engine for per-head key padding."""
+    inputs with key padding shared by the heads; per-head key padding is declined with a reason (``impl="auto"``
+    then runs the reference)."""
     calls = []
     real = linear_kernel.parallel_linear_attention
 
@@ -226,7 +228,8 @@ def test_linear_kind_routes_here(monkeypatch):
     assert calls == [True, False]
     per_head = torch.ones(1, 2, 1, 20, dtype=torch.bool, device=DEV)
     per_head[0, 0, 0, :3] = False
-    attnswap.attention(q, k, v, "linear", impl="triton", causal=True, mask=per_head)
+    with pytest.raises(AttnSwapError, match="shared by all heads"):
+        attnswap.attention(q, k, v, "linear", impl="triton", causal=True, mask=per_head)
     assert calls == [True, False]
 
 

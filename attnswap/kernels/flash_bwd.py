@@ -45,6 +45,21 @@ def _bwd_delta(O, DO, DELTA, sob, soh, son, sod, sdb, sdh, sdn, sdd, H_Q, N_Q,
 
 
 @triton.jit
+def _weights(s, lse2, vis, TAYLOR: tl.constexpr):
+    """(p, dp/ds-factor) of visible scores ``s`` (natural domain, after softcap) given the row's saved lse in log2
+    units (``lse2``, +inf on empty rows): softmax p = exp(s - lse), and ds = p (dp - delta); ``TAYLOR``
+    p = (1 + s + s^2/2) / den and ds = (1 + s) / den (dp - delta), den = exp(lse). 0 where not visible."""
+    if TAYLOR:
+        inv = tl.exp2(-lse2)
+        p = tl.where(vis, (1.0 + s + 0.5 * s * s) * inv, 0.0)
+        w = tl.where(vis, (1.0 + s) * inv, 0.0)
+    else:
+        p = tl.where(vis, tl.exp2(s * 1.4426950408889634 - lse2), 0.0)
+        w = p
+    return p, w
+
+
+@triton.jit
 def _loop_bounds(LIST, COUNT, prog, N_LIST, lo, hi, HAS_BLOCK_LIST: tl.constexpr):
     """(list row, first i, end of i) of a key or query loop of program row ``prog``: i walks the list's entries
     (``HAS_BLOCK_LIST``), else i is a block's first index over the band [lo, hi), as in a loop without a list."""
@@ -76,7 +91,8 @@ def _bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, MASK, THR, QB_LIST, QB_COUNT,
               IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_MASK: tl.constexpr,
               HAS_SOFTCAP: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
               DOT_PREC: tl.constexpr, DOT_F32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-              HAS_THRESHOLD: tl.constexpr = False, HAS_BLOCK_LIST: tl.constexpr = False):
+              HAS_THRESHOLD: tl.constexpr = False, HAS_BLOCK_LIST: tl.constexpr = False,
+              TAYLOR: tl.constexpr = False):
     """dk, dv of one block of keys and KV head. With ``HAS_BLOCK_LIST`` each query head of the group loops over
     its list of query blocks (QB_LIST (b Hq, key blocks, N_LIST) int32, QB_COUNT of them) instead of the band."""
     start_n = tl.program_id(0) * BLOCK_N
@@ -123,10 +139,10 @@ def _bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, MASK, THR, QB_LIST, QB_COUNT,
             if HAS_THRESHOLD:
                 thr = tl.load(THR + row_base + offs_m, mask=m_ok, other=float("inf"))
                 vis = vis & (st >= thr[None, :])
-            pt = tl.where(vis, tl.exp2(st * 1.4426950408889634 - lse[None, :]), 0.0)
+            pt, wt = _weights(st, lse[None, :], vis, TAYLOR)
             dv = tl.dot(pt.to(do.dtype), do, dv, input_precision=DOT_PREC)
             dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
-            dst = pt * (dpt - delta[None, :])
+            dst = wt * (dpt - delta[None, :])
             if HAS_SOFTCAP:
                 dst = dst * (1.0 - t * t)
             dk = tl.dot(dst.to(qt.dtype), tl.trans(qt), dk, input_precision=DOT_PREC)
@@ -145,7 +161,8 @@ def _bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, MASK, THR, KB_LIST, KB_COUNT,
             IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_MASK: tl.constexpr,
             HAS_SOFTCAP: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
             DOT_PREC: tl.constexpr, DOT_F32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-            HAS_THRESHOLD: tl.constexpr = False, HAS_BLOCK_LIST: tl.constexpr = False):
+            HAS_THRESHOLD: tl.constexpr = False, HAS_BLOCK_LIST: tl.constexpr = False,
+            TAYLOR: tl.constexpr = False):
     """dq of one block of queries and query head. With ``HAS_BLOCK_LIST`` the key loop runs over the block's list
     (KB_LIST (programs, N_LIST) int32 key-block indices, KB_COUNT of them) instead of the band."""
     start_m = tl.program_id(0) * BLOCK_M
@@ -183,9 +200,9 @@ def _bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, MASK, THR, KB_LIST, KB_COUNT,
                        IS_CAUSAL, HAS_WINDOW, HAS_MASK)
         if HAS_THRESHOLD:
             vis = vis & (s >= thr[:, None])
-        p = tl.where(vis, tl.exp2(s * 1.4426950408889634 - lse[:, None]), 0.0)
+        p, w = _weights(s, lse[:, None], vis, TAYLOR)
         dp = tl.dot(do, vt, input_precision=DOT_PREC)
-        ds = p * (dp - delta[:, None])
+        ds = w * (dp - delta[:, None])
         if HAS_SOFTCAP:
             ds = ds * (1.0 - t * t)
         dq = tl.dot(ds.to(kt.dtype), tl.trans(kt), dq, input_precision=DOT_PREC)
@@ -209,7 +226,7 @@ _prune_dkdv = pruner(lambda bm, bn, stages: bm * bn > 32 * 64 or stages > 2,
 
 
 _KEY = ["N_Q_KEY", "N_K_KEY", "HEAD_DIM", "GROUPS", "IS_CAUSAL", "HAS_WINDOW", "HAS_MASK", "HAS_SOFTCAP",
-        "HAS_THRESHOLD"]
+        "HAS_THRESHOLD", "TAYLOR"]
 if interpreting():
     _dkdv_tuned, _dq_tuned = _bwd_dkdv, _bwd_dq
 else:
@@ -220,7 +237,8 @@ else:
 
 
 def flash_backward(do, q, k, v, o, lse, *, scaling, causal=False, offset=0, window=None, softcap=None,
-                   sinks=None, mask=None, threshold=None, block_lists: tuple[BlockList, BlockList] | None = None):
+                   sinks=None, mask=None, threshold=None, block_lists: tuple[BlockList, BlockList] | None = None,
+                   taylor: bool = False):
     """Gradients of softmax attention: returns ``(dq, dk, dv, dsinks)``.
 
     ``q, do, o`` (b, Hq, n, d); ``k, v`` (b, Hkv, m, d) (kv head = h // (Hq // Hkv)); ``lse`` (b, Hq, n) fp32,
@@ -230,7 +248,8 @@ def flash_backward(do, q, k, v, o, lse, *, scaling, causal=False, offset=0, wind
     ``topk``: keys, and the sink, scoring below it get no weight and no gradient) as in
     ``flash_fwd.flash_forward``. ``block_lists`` (with ``threshold``): the dk/dv kernel's lists (per key block, its
     query blocks holding a kept key: ``block_map.plan(..., by_key=True)``) and the dq kernel's (per query block,
-    its key blocks); both kernels then skip the rest and launch with the lists' tiles.
+    its key blocks); both kernels then skip the rest and launch with the lists' tiles. ``taylor``: the weights are
+    1 + s + s^2/2 (kind ``taylor``'s score form, ``lse`` the log of each row's sum of weights, sink included).
     """
     b, hq, n, d = q.shape
     hkv, m = k.shape[1], k.shape[2]
@@ -263,7 +282,7 @@ def flash_backward(do, q, k, v, o, lse, *, scaling, causal=False, offset=0, wind
     thr_arg = threshold if threshold is not None else delta
     common = dict(IS_CAUSAL=bool(causal), HAS_WINDOW=window is not None, HAS_MASK=mask_t is not None,
                   HAS_SOFTCAP=softcap is not None, HEAD_DIM=d, D_PAD=d_pad, DOT_PREC=dot_prec(q.dtype),
-                  DOT_F32=dot_f32(q.dtype), HAS_THRESHOLD=threshold is not None)
+                  DOT_F32=dot_f32(q.dtype), HAS_THRESHOLD=threshold is not None, TAYLOR=bool(taylor))
     if block_lists is not None and threshold is None:
         raise ValueError("flash_backward: block lists go with a threshold")
     common["HAS_BLOCK_LIST"] = block_lists is not None
@@ -293,7 +312,10 @@ def flash_backward(do, q, k, v, o, lse, *, scaling, causal=False, offset=0, wind
     if sinks is not None:
         finite = torch.isfinite(lse)
         sink = sinks.detach().float()[None, :, None]
-        p_sink = torch.exp(torch.where(finite, sink - lse, float("-inf")))
+        if taylor:  # d den / d sink = 1 + sink
+            p_sink = torch.where(finite, (1.0 + sink) * torch.exp(-lse), 0.0)
+        else:
+            p_sink = torch.exp(torch.where(finite, sink - lse, float("-inf")))
         if threshold is not None:  # a sink below the row's threshold was not in its softmax
             p_sink = torch.where(sink >= threshold, p_sink, 0.0)
         dsinks = -(p_sink * delta).sum(dim=(0, 2))

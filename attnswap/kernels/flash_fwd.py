@@ -39,8 +39,12 @@ def _attn_range(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_v
                 EDGE: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
                 HAS_MASK: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                 HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, DOT_PREC: tl.constexpr,
-                DOT_F32: tl.constexpr, BLOCK_N: tl.constexpr, HAS_THRESHOLD: tl.constexpr = False):
+                DOT_F32: tl.constexpr, BLOCK_N: tl.constexpr, HAS_THRESHOLD: tl.constexpr = False,
+                TAYLOR: tl.constexpr = False):
     """Online-softmax update of (acc, l_i, m_i) over keys [lo, hi) in BLOCK_N steps (log2 domain).
+
+    With ``TAYLOR`` (kind ``taylor``'s score form) a visible key weighs w = 1 + s + s^2/2 (s the natural-domain
+    score, > 0 always): no running max, no rescaling; m_i only records whether the row saw a key (0, else -inf).
 
     With ``HAS_THRESHOLD`` a key is also invisible to row r when its natural-domain score is below ``thr[r]``;
     that score is computed exactly as ``tiles.scores`` computes it (dot * scale, then softcap), so a threshold
@@ -61,7 +65,7 @@ def _attn_range(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_v
         if DOT_F32:
             kt = kt.to(tl.float32)
         qk = tl.dot(q, kt, input_precision=DOT_PREC)
-        if HAS_THRESHOLD:
+        if HAS_THRESHOLD or TAYLOR:
             s_nat = qk * scale
             if HAS_SOFTCAP:
                 s_nat = softcap * tanh(s_nat / softcap)
@@ -89,10 +93,15 @@ def _attn_range(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_v
         else:
             m_new = tl.maximum(m_i, tl.max(qk, 1))
             m_use = m_new
-        p = tl.exp2(qk - m_use[:, None])
-        alpha = tl.exp2(m_i - m_use)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None]
+        if TAYLOR:
+            p = tl.where(qk > float("-inf"), 1.0 + s_nat + 0.5 * s_nat * s_nat, 0.0)
+            m_new = tl.where(m_new > float("-inf"), 0.0, m_new)
+            l_i = l_i + tl.sum(p, 1)
+        else:
+            p = tl.exp2(qk - m_use[:, None])
+            alpha = tl.exp2(m_i - m_use)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None]
         if EDGE:
             v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
                         mask=n_ok[:, None] & d_ok[None, :], other=0.0)
@@ -109,12 +118,18 @@ def _attn_range(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_v
 
 
 @triton.jit
-def _finish(acc, l_i, m_i, sink_ptr, HAS_SINKS: tl.constexpr, thr=0.0, HAS_THRESHOLD: tl.constexpr = False):
+def _finish(acc, l_i, m_i, sink_ptr, HAS_SINKS: tl.constexpr, thr=0.0, HAS_THRESHOLD: tl.constexpr = False,
+            TAYLOR: tl.constexpr = False):
     """Normalize: returns (o fp32, lse natural log); rows with nothing visible give o = 0, lse = -inf.
-    With ``HAS_THRESHOLD`` the sink joins row r's denominator only when its logit is >= ``thr[r]``."""
+    With ``HAS_THRESHOLD`` the sink joins row r's denominator only when its logit is >= ``thr[r]``. With
+    ``TAYLOR`` a sink adds its Taylor weight, and lse is the log of the row's sum of weights."""
     has_any = m_i > float("-inf")
     m_f = m_i
-    if HAS_SINKS:
+    if TAYLOR:
+        if HAS_SINKS:
+            sink = tl.load(sink_ptr).to(tl.float32)
+            l_i = l_i + (1.0 + sink + 0.5 * sink * sink)
+    elif HAS_SINKS:
         sink = tl.load(sink_ptr).to(tl.float32)
         s2 = sink * 1.4426950408889634
         if HAS_THRESHOLD:
@@ -140,7 +155,7 @@ def _fwd_kernel(Q, K, V, O, LSE, SINKS, MASK, THR, KB_LIST, KB_COUNT,
                 HAS_SOFTCAP: tl.constexpr, HAS_SINKS: tl.constexpr,
                 HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, DOT_PREC: tl.constexpr, DOT_F32: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_THRESHOLD: tl.constexpr = False,
-                HAS_BLOCK_LIST: tl.constexpr = False):
+                HAS_BLOCK_LIST: tl.constexpr = False, TAYLOR: tl.constexpr = False):
     """o and lse of one block of queries and query head. With ``HAS_BLOCK_LIST`` (kind ``topk``) the key loop
     runs over the block's list (KB_LIST (programs, N_KB) int32 key-block indices, KB_COUNT of them: the blocks
     that hold a kept key), every listed block with the full visibility test, instead of the band's three ranges."""
@@ -184,21 +199,21 @@ def _fwd_kernel(Q, K, V, O, LSE, SINKS, MASK, THR, KB_LIST, KB_COUNT,
             acc, l_i, m_i = _attn_range(acc, l_i, m_i, q, k_base, v_base, skn, skd, svn, svd, offs_m, row_ok,
                                         mask_rows, smm, start_n, start_n + BLOCK_N, N_K, qk_scale, scale, softcap,
                                         offset, window, thr, True, IS_CAUSAL, HAS_WINDOW, HAS_MASK, HAS_SOFTCAP,
-                                        HEAD_DIM, D_PAD, DOT_PREC, DOT_F32, BLOCK_N, HAS_THRESHOLD)
+                                        HEAD_DIM, D_PAD, DOT_PREC, DOT_F32, BLOCK_N, HAS_THRESHOLD, TAYLOR)
     else:
         acc, l_i, m_i = _attn_range(acc, l_i, m_i, q, k_base, v_base, skn, skd, svn, svd, offs_m, row_ok,
                                     mask_rows, smm, lo, full_lo, N_K, qk_scale, scale, softcap, offset, window,
                                     thr, True, IS_CAUSAL, HAS_WINDOW, HAS_MASK, HAS_SOFTCAP, HEAD_DIM, D_PAD,
-                                    DOT_PREC, DOT_F32, BLOCK_N, HAS_THRESHOLD)
+                                    DOT_PREC, DOT_F32, BLOCK_N, HAS_THRESHOLD, TAYLOR)
         acc, l_i, m_i = _attn_range(acc, l_i, m_i, q, k_base, v_base, skn, skd, svn, svd, offs_m, row_ok,
                                     mask_rows, smm, full_lo, full_hi, N_K, qk_scale, scale, softcap, offset,
                                     window, thr, False, IS_CAUSAL, HAS_WINDOW, HAS_MASK, HAS_SOFTCAP, HEAD_DIM,
-                                    D_PAD, DOT_PREC, DOT_F32, BLOCK_N, HAS_THRESHOLD)
+                                    D_PAD, DOT_PREC, DOT_F32, BLOCK_N, HAS_THRESHOLD, TAYLOR)
         acc, l_i, m_i = _attn_range(acc, l_i, m_i, q, k_base, v_base, skn, skd, svn, svd, offs_m, row_ok,
                                     mask_rows, smm, full_hi, hi, N_K, qk_scale, scale, softcap, offset, window,
                                     thr, True, IS_CAUSAL, HAS_WINDOW, HAS_MASK, HAS_SOFTCAP, HEAD_DIM, D_PAD,
-                                    DOT_PREC, DOT_F32, BLOCK_N, HAS_THRESHOLD)
-    o, lse = _finish(acc, l_i, m_i, SINKS + h, HAS_SINKS, thr, HAS_THRESHOLD)
+                                    DOT_PREC, DOT_F32, BLOCK_N, HAS_THRESHOLD, TAYLOR)
+    o, lse = _finish(acc, l_i, m_i, SINKS + h, HAS_SINKS, thr, HAS_THRESHOLD, TAYLOR)
     tl.store(O + b * sob + h * soh + offs_m[:, None] * son + offs_d[None, :] * sod, o.to(O.dtype.element_ty),
              mask=row_ok[:, None] & d_ok[None, :])
     tl.store(LSE + bh.to(tl.int64) * N_Q + offs_m, lse, mask=row_ok)
@@ -210,21 +225,23 @@ _CONFIGS = configs([(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (64, 64,
                     (64, 32, 4, 2), (32, 32, 4, 2), (16, 32, 4, 2), (16, 16, 2, 1)])
 # wide heads and fp32 keep to tiles of at most 64 x 64 and two stages (shared memory); at head dim 128,
 # (128, 64, 4 warps, 3 stages) spills ~600 B of registers on sm_90, and with a topk threshold (one more row vector
-# and compare per tile) the largest tiles spill 4-144 B (benchmarks/results/sm90-compile.jsonl)
+# and compare per tile) the largest tiles spill 4-144 B; with Taylor weights (no running max, but s and 1 + s + s^2/2
+# both live) 12-316 B (benchmarks/results/sm90-compile.jsonl)
 _prune = pruner(lambda bm, bn, stages: bn > 64 or bm * bn > 64 * 64 or stages > 2, spills_wide={(128, 64, 4, 3)},
                 variant_spills={"HAS_THRESHOLD": ({(128, 128, 8, 3), (128, 64, 4, 3)},
-                                                  {(128, 64, 8, 3), (64, 64, 4, 3), (64, 64, 4, 2)})})
+                                                  {(128, 64, 8, 3), (64, 64, 4, 3), (64, 64, 4, 2)}),
+                                "TAYLOR": ({(128, 64, 4, 3)}, {(128, 128, 8, 3), (64, 64, 4, 3), (64, 64, 4, 2)})})
 
 
 # Tuned per (next_pow2(n), next_pow2(m), head dim, structure): a new length in the same bucket reuses the choice.
 _fwd_tuned = _fwd_kernel if interpreting() else triton.autotune(
     configs=_CONFIGS, key=["N_Q_KEY", "N_K_KEY", "HEAD_DIM", "IS_CAUSAL", "HAS_WINDOW", "HAS_MASK", "HAS_SOFTCAP",
-                                "HAS_THRESHOLD"],
+                                "HAS_THRESHOLD", "TAYLOR"],
     prune_configs_by={"early_config_prune": _prune})(_fwd_kernel)
 
 
-def _common(q, k, v, sinks):
-    b, hq, hkv, n, m, d = check_shapes(q, k, v)
+def _common(q, k, v, sinks, head_dims=HEAD_DIMS):
+    b, hq, hkv, n, m, d = check_shapes(q, k, v, head_dims)
     sinks_t = sinks.detach().float().contiguous() if sinks is not None else None
     return b, hq, hkv, n, m, d, sinks_t
 
@@ -246,7 +263,7 @@ def use_split_kv(n: int, m: int, groups: int = 1) -> bool:
 
 def flash_forward(q, k, v, *, scaling, causal=False, offset=0, window=None, softcap=None, sinks=None, mask=None,
                   split_kv: bool | None = None, threshold: torch.Tensor | None = None,
-                  block_list: BlockList | None = None):
+                  block_list: BlockList | None = None, taylor: bool = False):
     """Softmax attention forward: returns ``o`` (b, Hq, n, d) in q.dtype and ``lse`` (b, Hq, n) fp32.
 
     Query i sees key j iff (not causal or j <= i + offset) and (window is None or j > i + offset - window) and
@@ -257,10 +274,14 @@ def flash_forward(q, k, v, *, scaling, causal=False, offset=0, window=None, soft
     softcap) is below threshold[b, h, i], and the sink logit when it is below; -inf keeps everything.
     ``block_list`` (kind ``topk``, with ``threshold``; not with the split-KV path): per query block the key blocks
     that hold a kept key (``block_map.plan``); the others are skipped, and the launch takes the list's tiles.
+    ``taylor`` (kind ``taylor``'s score form): weights 1 + s + s^2/2 instead of exp(s) (a sink adds its Taylor
+    weight), ``lse`` = log of each row's sum of weights; no threshold, no split-KV path.
     """
-    b, hq, hkv, n, m, d, sinks_t = _common(q, k, v, sinks)
+    b, hq, hkv, n, m, d, sinks_t = _common(q, k, v, sinks, range(1, 257) if taylor else HEAD_DIMS)
+    if taylor and (split_kv or threshold is not None):
+        raise ValueError("flash_forward: taylor weights take neither a threshold nor the split-KV path")
     if split_kv is None:
-        split_kv = use_split_kv(n, m, hq // hkv)
+        split_kv = not taylor and use_split_kv(n, m, hq // hkv)
     if block_list is not None and (split_kv or threshold is None):
         raise ValueError("flash_forward: a block list goes with a threshold, and not with the split-KV path")
     if split_kv:
@@ -293,6 +314,6 @@ def flash_forward(q, k, v, *, scaling, causal=False, offset=0, window=None, soft
         IS_CAUSAL=bool(causal), HAS_WINDOW=window is not None, HAS_MASK=mask_t is not None,
         HAS_SOFTCAP=softcap is not None, HAS_SINKS=sinks_t is not None,
         HEAD_DIM=d, D_PAD=d_pad, DOT_PREC=dot_prec(q.dtype), DOT_F32=dot_f32(q.dtype),
-        HAS_THRESHOLD=thr_t is not None, HAS_BLOCK_LIST=block_list is not None, **launch,
+        HAS_THRESHOLD=thr_t is not None, HAS_BLOCK_LIST=block_list is not None, TAYLOR=bool(taylor), **launch,
     )
     return o, lse

@@ -7,13 +7,14 @@ The caller maps queries and keys to features itself (ELU+1 with F = d, Hedgehog 
     o_i = num_i / den_i,   num_i = sum_j w_ij v_j = fq_i . S_i,   den_i = sum_j w_ij + eps = fq_i . z_i + eps,
     S_i = sum_{j visible to i} fk_j v_j^T  (F x dv),   z_i = sum_{j visible to i} fk_j  (F),
 
-numerator and denominator accumulated apart in fp32, a denominator of exactly 0 read as 1 (an empty row gives 0,
+numerator and denominator accumulated apart in fp32 (eps: a number, or one per query head, e.g. a sink's Taylor
+weight for ``taylor``'s feature form), a denominator of exactly 0 read as 1 (an empty row gives 0,
 never NaN) -- the ``linear`` kind's linear-time form (``attnswap/kinds/feature_map.py``). Visibility: query i
 sits at key position i + offset; causal: it sees keys j <= i + offset; a sliding window w: only j > i + offset - w;
 a bool key-padding mask (b, m) drops keys (their features count as 0). GQA maps query head h to KV head
 h // (Hq / Hkv); keys and values are never repeated.
 
-Unlike the sequential sweep of ``chunked_linear`` (one program per (batch row, head, value tile) walking the chunks
+Unlike a sequential sweep (one program per (batch row, head, value tile) walking the chunks
 in order), every stage here is a parallel grid over chunks, so batch 1 fills a GPU. Chunks are BLOCK_T rows (64 on
 a GPU, 16 in the interpreter): C = ceil(m / BLOCK_T) key chunks, Cq = ceil(n / BLOCK_T) query chunks; BLOCK_F and
 BLOCK_V tile the features and the value columns (64 on a GPU), so any F and dv fit in registers.
@@ -247,7 +248,7 @@ def _fwd_block(num, den, fq_base, fk_base, v_base, mask_base, offs_m, row_ok, n0
 
 
 @triton.jit
-def _fwd_kernel(FQ, FK, V, MASK, P, PZ, O, DEN, HQ, GROUP, N_Q, N_K, F, DV, offset, window, eps,
+def _fwd_kernel(FQ, FK, V, MASK, P, PZ, O, DEN, EPS, HQ, GROUP, N_Q, N_K, F, DV, offset, window,
                 IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_MASK: tl.constexpr, DOT_PREC: tl.constexpr,
                 BLOCK_T: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_V: tl.constexpr):
     """o and den of one query chunk and value tile: the whole key chunks from the prefix states, the rest in exact
@@ -278,7 +279,7 @@ def _fwd_kernel(FQ, FK, V, MASK, P, PZ, O, DEN, HQ, GROUP, N_Q, N_K, F, DV, offs
         num, den = _fwd_block(num, den, fq_base, fk_base, v_base, mask_base, offs_m, row_ok, n0, e2_end, N_Q, N_K,
                               F, DV, v0, offset, window, IS_CAUSAL, HAS_WINDOW, HAS_MASK, DOT_PREC, BLOCK_T, BLOCK_F,
                               BLOCK_V)
-    den = den + eps
+    den = den + tl.load(EPS + bh % HQ)
     den = tl.where(den == 0.0, 1.0, den)
     rows = bh * N_Q + offs_m.to(tl.int64)
     tl.store(O + rows[:, None] * DV + v0 + offs_v[None, :], num / den[:, None],
@@ -564,8 +565,9 @@ def _flags(causal: bool, window, key_mask) -> dict:
     return {"IS_CAUSAL": bool(causal), "HAS_WINDOW": window is not None, "HAS_MASK": key_mask is not None}
 
 
-def forward(fq, fk, v, *, causal: bool, offset: int, window, key_mask, eps: float, chunk=None):
-    """The forward stages -> (o fp32 (b, Hq, n, dv), den fp32 (b, Hq, n) (eps included, 0 read as 1),
+def forward(fq, fk, v, *, causal: bool, offset: int, window, key_mask, eps, chunk=None):
+    """The forward stages (``eps``: fp32 (Hq,), one per query head) -> (o fp32 (b, Hq, n, dv), den fp32 (b, Hq, n)
+    (eps included, 0 read as 1),
     prefix states P (b*Hkv, C + 1, F, dv), PZ (b*Hkv, C + 1, F))."""
     b, hq, n, f = fq.shape
     hkv, m, dv = fk.shape[1], fk.shape[2], v.shape[-1]
@@ -578,8 +580,8 @@ def forward(fq, fk, v, *, causal: bool, offset: int, window, key_mask, eps: floa
     den = torch.empty((b, hq, n), device=fq.device, dtype=torch.float32)
     if n and b * hq:
         _fwd_kernel[(triton.cdiv(n, bl["BLOCK_T"]), b * hq, triton.cdiv(dv, la["BLOCK_V"]))](
-            fq, fk, v, key_mask if key_mask is not None else p, p, pz, o, den, hq, hq // hkv, n, m, f, dv,
-            int(offset), int(window or 0), float(eps), **_flags(causal, window, key_mask), **la)
+            fq, fk, v, key_mask if key_mask is not None else p, p, pz, o, den, eps, hq, hq // hkv, n, m, f, dv,
+            int(offset), int(window or 0), **_flags(causal, window, key_mask), **la)
     return o, den, p, pz
 
 
@@ -613,14 +615,16 @@ def backward(do, fq, fk, v, o, den, p, pz, *, causal: bool, offset: int, window,
 
 
 class _ParallelLinearAttention(torch.autograd.Function):
-    """o = (fq . S) / (fq . z + eps) through the chunk-parallel stages; backward through the parallel form."""
+    """o = (fq . S) / (fq . z + eps) through the chunk-parallel stages; backward through the parallel form (and
+    d eps_h = sum over head h's rows of dL/d den = -(do . o) / den, for an eps that needs a gradient)."""
 
     @staticmethod
-    def forward(ctx, fq, fk, v, key_mask, causal, offset, window, eps, chunk):
-        o, den, p, pz = forward(fq, fk, v, causal=causal, offset=offset, window=window, key_mask=key_mask, eps=eps,
-                                chunk=chunk)
+    def forward(ctx, fq, fk, v, eps, key_mask, causal, offset, window, chunk):
+        o, den, p, pz = forward(fq, fk, v, causal=causal, offset=offset, window=window, key_mask=key_mask,
+                                eps=eps.detach().float().contiguous(), chunk=chunk)
         ctx.save_for_backward(fq, fk, v, key_mask, o, den, p, pz)
         ctx.args = (causal, offset, window, chunk)
+        ctx.eps_dtype = eps.dtype
         return o.to(v.dtype)
 
     @staticmethod
@@ -629,16 +633,20 @@ class _ParallelLinearAttention(torch.autograd.Function):
         causal, offset, window, chunk = ctx.args
         dfq, dfk, dv = backward(do, fq, fk, v, o, den, p, pz, causal=causal, offset=offset, window=window,
                                 key_mask=key_mask, chunk=chunk)
-        return dfq.to(fq.dtype), dfk.to(fk.dtype), dv.to(v.dtype), None, None, None, None, None, None
+        deps = None
+        if ctx.needs_input_grad[3]:
+            deps = (-(do.float() * o).sum(-1) / den).sum((0, 2)).to(ctx.eps_dtype)
+        return dfq.to(fq.dtype), dfk.to(fk.dtype), dv.to(v.dtype), deps, None, None, None, None, None
 
 
 def parallel_linear_attention(fq, fk, v, *, causal: bool = False, offset: int = 0, window: int | None = None,
-                              key_mask=None, eps: float = 1e-6, chunk: int | None = None):
+                              key_mask=None, eps: float | torch.Tensor = 1e-6, chunk: int | None = None):
     """Linear attention over precomputed features through the chunk-parallel kernels, differentiable in fq, fk and
     v (so gradients reach the feature map that made them). fq (b, Hq, n, F), fk (b, Hkv, m, F), v (b, Hkv, m, dv)
     (fp16/bf16/fp32, any F and dv). Query i sits at key position i + ``offset``: with ``causal`` it sees keys
     j <= i + offset; with ``window`` (>= 1) only keys j > i + offset - window; ``key_mask`` bool (b|1, m),
-    True = a real key. ``eps`` joins every denominator; ``chunk`` forces the chunk rows (a power of two >= 16).
+    True = a real key. ``eps`` joins every denominator: a number, or a (Hq,) tensor, one per query head (kind
+    ``taylor`` adds a sink's weight so; differentiable); ``chunk`` forces the chunk rows (a power of two >= 16).
     Returns o (b, Hq, n, dv) in v's dtype (rows that see nothing: 0)."""
     _check(fq, fk, v)
     b, m = fk.shape[0], fk.shape[2]
@@ -646,5 +654,11 @@ def parallel_linear_attention(fq, fk, v, *, causal: bool = False, offset: int = 
     if window is not None and (isinstance(window, bool) or int(window) != window or window < 1):
         raise ValueError(f"window must be an integer >= 1 or None, got {window!r}")
     blocks(chunk)  # validates chunk
-    return _ParallelLinearAttention.apply(fq.contiguous(), fk.contiguous(), v.contiguous(), mask, bool(causal),
-                                          int(offset), None if window is None else int(window), float(eps), chunk)
+    hq = fq.shape[1]
+    if not torch.is_tensor(eps):
+        eps = torch.full((hq,), float(eps), device=fq.device, dtype=torch.float32)
+    elif tuple(eps.shape) != (hq,) or eps.device != fq.device:
+        raise ValueError(f"eps must be a number or a ({hq},) tensor on the features' device, got "
+                         f"{tuple(eps.shape)} on {eps.device}")
+    return _ParallelLinearAttention.apply(fq.contiguous(), fk.contiguous(), v.contiguous(), eps, mask, bool(causal),
+                                          int(offset), None if window is None else int(window), chunk)

@@ -1,0 +1,49 @@
+"""What the chunk-parallel engine (``linear_parallel``) takes of a call's visibility, for the kernels of the
+feature-map kinds (``linear``, ``taylor``'s feature form): the shared checks and the key mask."""
+
+from __future__ import annotations
+
+import torch
+
+from .tiles import common_support
+
+MAX_HEAD_DIM = 256
+
+
+def key_padding(vis) -> torch.Tensor | None:
+    """``vis.mask`` (b|1, Hkv|1, G|1, 1, m) bool key padding -> (b|1, Hq|1, 1, m) bool, or None."""
+    mask = vis.mask
+    if mask is None:
+        return None
+    mb, mkv, mg, mn, mm = mask.shape
+    if mkv == 1 and mg == 1:
+        return mask[:, :, 0]
+    return mask.reshape(mb, mkv * mg, mn, mm)
+
+
+def shared_key_mask(vis) -> tuple[bool, torch.Tensor | None]:
+    """(whether the engine takes ``vis``'s key padding, its bool (b|1, m) key mask or None): the engine's states
+    are per KV head, so key padding must be the same for every head."""
+    mask = key_padding(vis)
+    if mask is None:
+        return True, None
+    if mask.shape[1] != 1:
+        return False, None
+    return True, mask[:, 0, 0]
+
+
+def supports_features(kind: str, query, key, value, vis, *, dropout=0.0, need_weights=False) -> tuple[bool, str]:
+    """Whether the engine can run ``kind`` on these inputs, and why not: ``tiles.common_support`` (query and key head
+    dims equal, head dims 1..MAX_HEAD_DIM), then causal / sliding-window visibility with key padding shared by the
+    heads."""
+    ok, why = common_support(query, key, value, vis, dropout=dropout, need_weights=need_weights, name=kind,
+                             max_head_dim=MAX_HEAD_DIM)
+    if not ok:
+        return ok, why
+    if not vis.is_structured:
+        return False, (f"the {kind} kernel's linear-time form takes causal, sliding-window and key-padding masks "
+                       "(b|1, 1, 1, m) only; a dense mask runs the quadratic form")
+    if not shared_key_mask(vis)[0]:
+        return False, (f"the {kind} kernel's linear-time form takes key padding shared by all heads, not a "
+                       "per-head key mask (its states are per KV head)")
+    return True, ""

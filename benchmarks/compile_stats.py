@@ -16,7 +16,7 @@ One JSON line per (kind, kernel, variant, head dim, dtype, config) goes to ``ben
 (``--out`` for another folder); a table and the line ``spilling configs: N of M`` (with the list) go to stdout.
 The exit code is 0 whether or not a config spills. From Python: ``compile_stats(kinds=..., dims=...)``.
 
-    python benchmarks/compile_stats.py [--kernels entmax,topk,flash,linear,taylor] [--dims 64,128] [--dtype bf16]
+    python benchmarks/compile_stats.py [--kernels entmax,topk,flash,linear,taylor,window_linear] [--dims 64,128] [--dtype bf16]
                                        [--only _fwd_kernel] [--max-configs N] [--ptxas triton|legacy|PATH]
                                        [--smoke] [--out DIR] [--no-record]
 """
@@ -41,7 +41,7 @@ from common import DTYPES, choices, record  # noqa: E402
 BENCH = "compile_stats"
 TARGET = "sm_90"
 RESULTS_FILE = "sm90-compile"  # benchmarks/results/sm90-compile.jsonl
-KINDS = ("entmax", "topk", "flash", "linear", "taylor")
+KINDS = ("entmax", "topk", "flash", "linear", "taylor", "window_linear")
 SMEM_LIMIT = 232448  # bytes of shared memory one block may use on an H100/H200 (227 KiB)
 OPTION_KEYS = ("num_warps", "num_stages", "num_ctas", "maxnreg", "ir_override")
 
@@ -163,6 +163,11 @@ def _drive(kind: str, d: int, dtype) -> None:
         mask = torch.ones(b, n, dtype=torch.bool)
         for kw in ({"causal": True}, {"causal": False}, {"causal": True, "window": 256, "key_mask": mask}):
             both(lambda q, k, v, kw=kw: parallel_linear_attention(elu_plus_one(q), elu_plus_one(k), v, **kw))
+        from attnswap.kernels.state_step import state_step  # the StateCache's fused decode step, F = d and 2d
+
+        for f in (d, 2 * d):
+            state_step(torch.zeros(b, hkv, hq // hkv, f), torch.zeros(b, hkv, f), torch.zeros(b, hkv, d),
+                       torch.zeros(b, hkv, f, d), torch.zeros(b, hkv, f), torch.zeros(hq))
     elif kind == "taylor":  # the score form (flash kernels, Taylor weights) and the feature form (the engine)
         from attnswap.kernels.flash_bwd import flash_backward
         from attnswap.kernels.flash_fwd import flash_forward
@@ -173,6 +178,13 @@ def _drive(kind: str, d: int, dtype) -> None:
         flash_backward(torch.zeros_like(o), q, k, v, o, lse, scaling=scaling, causal=True, taylor=True)
         phi = make_feature_map(scaling)
         both(lambda q, k, v: parallel_linear_attention(phi(q), phi(k), v, causal=True))
+    elif kind == "window_linear":  # the exact sink/window part beside the engine's linear part (Hedgehog, F = 2d)
+        from attnswap.kernels.window_linear import window_linear_attention
+        from attnswap.kinds.linear import hedgehog
+
+        for extra in ({}, {"sinks": torch.zeros(hq), "starts": torch.full((b,), 3, dtype=torch.int32)}):
+            both(lambda q, k, v, extra=extra: window_linear_attention(
+                q, k, v, hedgehog(q), hedgehog(k), local_window=64, sink_tokens=4, scaling=scaling, **extra))
     else:
         raise ValueError(f"unknown kind {kind!r}; valid: {','.join(KINDS)}")
 

@@ -154,7 +154,8 @@ def engine_runs(q, k, v, fla: dict) -> list:
     """(kind, impl, options, inputs, fn(*inputs) -> out (b, Hq, T, dv) or fla's (b, T, Hq, dv)) of every engine, each
     on inputs prepared outside the clock: our chunk-parallel engine and fla's ``chunk_linear_attn`` on the same
     ELU+1 and Hedgehog features (fla: tokens first, K/V heads repeated for GQA), our two Taylor forms and fla's
-    ``parallel_based`` on q/k/v (scale 1/sqrt(d), causal), and our ``softmax`` kernel, the baseline, first."""
+    ``parallel_based`` on q/k/v (scale 1/sqrt(d), causal), our ``window_linear`` kernel (64 window keys, 4 sinks,
+    Hedgehog), and our ``softmax`` kernel, the baseline, first."""
     from attnswap.kernels.linear_parallel import parallel_linear_attention
     from attnswap.kinds.linear import FEATURE_MAPS
 
@@ -175,6 +176,9 @@ def engine_runs(q, k, v, fla: dict) -> list:
         runs.append(("taylor", "triton", {"form": form}, (q, k, v),
                      lambda q, k, v, form=form: attnswap.attention(q, k, v, "taylor", causal=True, impl="triton",
                                                                    form=form, scaling=scale)))
+    runs.append(("window_linear", "triton", {}, (q, k, v),
+                 lambda q, k, v: attnswap.attention(q, k, v, "window_linear", causal=True, impl="triton",
+                                                    scaling=scale)))
     if fla:
         runs.append(("taylor", "fla_parallel_based", {}, (q.transpose(1, 2).contiguous(),
                                                           *_tokens_first(k, v, groups=groups)),

@@ -186,7 +186,8 @@ def test_linear_attention_engines_in_the_interpreter(tmp_path, one_thread_here):
                                   "--out", str(tmp_path)])
     got = {(r["passes"], r["kind"], r["impl"], r.get("feature_map"), r.get("form")) for r in rows}
     ours = {("softmax", "triton", None, None), ("linear", "engine", "elu", None), ("linear", "engine", "hedgehog", None),
-            ("taylor", "triton", None, "quadratic"), ("taylor", "triton", None, "linear_time")}
+            ("taylor", "triton", None, "quadratic"), ("taylor", "triton", None, "linear_time"),
+            ("window_linear", "triton", None, None)}
     assert got == {(p, *e) for p in ("fwd", "fwd+bwd") for e in ours}
     assert all(r["ms"] > 0 and not r.get("error") and r["baseline"] == "softmax (triton)" for r in rows)
 

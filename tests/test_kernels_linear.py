@@ -249,6 +249,12 @@ def test_supports_declines():
     for feature_map in ("elu", "hedgehog"):
         ok, why = linear_kernel.supports(q, k, v, per_head, feature_map=feature_map)
         assert not ok and "shared by all heads" in why
+    # a few queries against a long cache: the engine would rebuild every key's state per call
+    long_k = torch.zeros(1, 1, 1024, 16, device=DEV)
+    decode = Visibility(n=1, m=1024, causal=True, offset=1023)
+    ok, why = linear_kernel.supports(q[:, :, :1], long_k, long_k, decode)
+    assert not ok and "StateCache" in why
+    assert taylor_kernel.choose_form(q[:, :, :1], long_k, long_k, decode)[0] == "scores"
 
 
 def test_hedgehog_through_the_kernel():

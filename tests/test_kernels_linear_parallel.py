@@ -23,7 +23,7 @@ from attnswap.errors import AttnSwapError  # noqa: E402
 from attnswap.kernels import linear_parallel as lp  # noqa: E402
 from attnswap.kinds.linear import elu_plus_one, hedgehog  # noqa: E402
 
-from hypothesis import given, settings, strategies as st  # noqa: E402
+from hypothesis import example, given, settings, strategies as st  # noqa: E402
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
 GRAD_TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2}
@@ -181,6 +181,9 @@ def test_eps_and_chunk_size():
 @settings(max_examples=6, deadline=None)
 @given(n=st.integers(1, 40), m=st.integers(1, 40), groups=st.sampled_from((1, 2, 3)), causal=st.booleans(),
        f=st.sampled_from((8, 16, 20)), window=st.sampled_from((None, 3, 17, 33)), shift=st.integers(-20, 20))
+# a row that sees no key (den = eps) in a query chunk whose states are subtracted under a window: its do / eps once
+# drowned the other rows' states in rounding (dk off by 0.4)
+@example(n=18, m=1, groups=1, causal=False, f=8, window=3, shift=3)
 def test_random_shapes(n, m, groups, causal, f, window, shift):
     q, k, v = qkv(1, groups, 1, n, m, f, seed=n * 41 + m)
     check(q, k, v, elu_plus_one, causal=causal, offset=m - n + shift, window=window, grads=n % 2 == 0)

@@ -3,7 +3,7 @@
 Shared pieces: ``tiles`` (score and visibility tiles, key/query bands, mask views), ``tuning`` (interpreter
 detection, autotune configs). ``softmax``: ``flash_fwd`` (forward, o and lse), ``flash_decode`` (split-KV for
 short queries), ``flash_bwd`` (backward). Each kind module (``softmax``, ``entmax``, ``topk``, ``linear``,
-``taylor``) exposes ``kernel`` (the registry kernel) and ``supports`` (whether it can run given inputs, and
+``taylor``, ``window_linear``) exposes ``kernel`` (the registry kernel) and ``supports`` (whether it can run given inputs, and
 why not). If Triton is missing, nothing is registered and every kind runs its PyTorch reference.
 """
 
@@ -15,7 +15,7 @@ try:
 except ImportError:  # no Triton: register nothing
     triton = None
 
-KERNEL_MODULES = ("softmax", "entmax", "topk", "linear", "taylor")
+KERNEL_MODULES = ("softmax", "entmax", "topk", "linear", "taylor", "window_linear")
 
 
 def _register() -> None:

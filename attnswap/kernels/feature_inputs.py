@@ -32,6 +32,15 @@ def shared_key_mask(vis) -> tuple[bool, torch.Tensor | None]:
     return True, mask[:, 0, 0]
 
 
+def decode_shape(query, key) -> str:
+    """Why a few queries against a long cache are not the engine's (empty when they are not that): it would build the
+    state of every key per call, O(m F dv), where the PyTorch forms or the StateCache cost O(m F) or less."""
+    if query.shape[2] * 64 < key.shape[2]:
+        return ("a few queries against a long cache (decoding over K/V) run the PyTorch form: the kernel would "
+                "rebuild the state of every key per call (decode with attnswap.StateCache instead)")
+    return ""
+
+
 def supports_features(kind: str, query, key, value, vis, *, dropout=0.0, need_weights=False) -> tuple[bool, str]:
     """Whether the engine can run ``kind`` on these inputs, and why not: ``tiles.common_support`` (query and key head
     dims equal, head dims 1..MAX_HEAD_DIM), then causal / sliding-window visibility with key padding shared by the
@@ -43,6 +52,8 @@ def supports_features(kind: str, query, key, value, vis, *, dropout=0.0, need_we
     if not vis.is_structured:
         return False, (f"the {kind} kernel's linear-time form takes causal, sliding-window and key-padding masks "
                        "(b|1, 1, 1, m) only; a dense mask runs the quadratic form")
+    if decode_shape(query, key):
+        return False, decode_shape(query, key)
     if not shared_key_mask(vis)[0]:
         return False, (f"the {kind} kernel's linear-time form takes key padding shared by all heads, not a "
                        "per-head key mask (its states are per KV head)")

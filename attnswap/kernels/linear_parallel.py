@@ -54,7 +54,7 @@ from .tuning import interpreting
 
 
 @triton.jit
-def _rows(base, offs, rows_ok, offs_c, stride, width):
+def fp32_tile(base, offs, rows_ok, offs_c, stride, width):
     """fp32 (len(offs), len(offs_c)) tile: rows ``offs`` (where ``rows_ok``), columns ``offs_c`` < ``width`` of a
     row-major matrix with row ``stride`` at ``base``; 0 outside."""
     ok = rows_ok[:, None] & (offs_c < width)[None, :]
@@ -90,7 +90,7 @@ def _pair_ok(offs_m, offs_n, N_Q, N_K, offset, window, IS_CAUSAL: tl.constexpr, 
 
 
 @triton.jit
-def _clamp(x, hi):
+def clamp(x, hi):
     return tl.minimum(tl.maximum(x, 0), hi)
 
 
@@ -106,11 +106,11 @@ def _key_plan(start_m, N_K, offset, window, IS_CAUSAL: tl.constexpr, HAS_WINDOW:
     a = 0
     bnd = N_K
     if IS_CAUSAL:
-        k1 = _clamp(start_m + BLOCK_T + offset, N_K)  # the chunk's last query sees keys < k1
-        bnd = _clamp(start_m + offset + 1, N_K)  # its first query sees keys < start_m + offset + 1
+        k1 = clamp(start_m + BLOCK_T + offset, N_K)  # the chunk's last query sees keys < k1
+        bnd = clamp(start_m + offset + 1, N_K)  # its first query sees keys < start_m + offset + 1
     if HAS_WINDOW:
-        k0 = _clamp(start_m + offset - window + 1, N_K)
-        a = _clamp(start_m + BLOCK_T - 1 + offset - window + 1, N_K)
+        k0 = clamp(start_m + offset - window + 1, N_K)
+        a = clamp(start_m + BLOCK_T - 1 + offset - window + 1, N_K)
     lo = (a + BLOCK_T - 1) // BLOCK_T
     hi = tl.where(bnd == N_K, (N_K + BLOCK_T - 1) // BLOCK_T, bnd // BLOCK_T)  # the last slot holds every key
     whole = hi > lo
@@ -132,11 +132,11 @@ def _query_plan(start_n, N_Q, offset, window, IS_CAUSAL: tl.constexpr, HAS_WINDO
     a = 0
     bnd = N_Q
     if IS_CAUSAL:  # j <= i + offset
-        i0 = _clamp(start_n - offset, N_Q)
-        a = _clamp(start_n + BLOCK_T - 1 - offset, N_Q)
+        i0 = clamp(start_n - offset, N_Q)
+        a = clamp(start_n + BLOCK_T - 1 - offset, N_Q)
     if HAS_WINDOW:  # j > i + offset - window
-        i1 = _clamp(start_n + BLOCK_T - 1 - offset + window, N_Q)
-        bnd = _clamp(start_n - offset + window, N_Q)
+        i1 = clamp(start_n + BLOCK_T - 1 - offset + window, N_Q)
+        bnd = clamp(start_n - offset + window, N_Q)
     lo = (a + BLOCK_T - 1) // BLOCK_T
     hi = tl.where(bnd == N_Q, (N_Q + BLOCK_T - 1) // BLOCK_T, bnd // BLOCK_T)
     whole = hi > lo
@@ -150,7 +150,7 @@ def _query_plan(start_n, N_Q, offset, window, IS_CAUSAL: tl.constexpr, HAS_WINDO
 
 
 @triton.jit
-def _query_chunk(HQ, GROUP, N_Q, N_K, BLOCK_T: tl.constexpr):
+def query_chunk(HQ, GROUP, N_Q, N_K, BLOCK_T: tl.constexpr):
     """A query-chunk program's coordinates (program ids 0, 1 = chunk, batch row x query head): (first row, bh,
     batch row, its KV head's index bkv, prefix slots of the key chunks, row offsets, row mask)."""
     start_m = tl.program_id(0) * BLOCK_T
@@ -191,8 +191,8 @@ def _chunk_state_kernel(X, Y, W, MASK, P, PZ, H_OUT, GROUP, N_ROWS, F, DV, SLOT_
     accz = tl.zeros([BLOCK_F], dtype=tl.float32)
     for g in range(0, GROUP):
         head = bh * GROUP + g
-        x = _rows(X + head * N_ROWS * F + f_tile * BLOCK_F, offs_t, ok, tl.arange(0, BLOCK_F), F, F - f_tile * BLOCK_F)
-        y = _rows(Y + head * N_ROWS * DV + v_tile * BLOCK_V, offs_t, ok, tl.arange(0, BLOCK_V), DV,
+        x = fp32_tile(X + head * N_ROWS * F + f_tile * BLOCK_F, offs_t, ok, tl.arange(0, BLOCK_F), F, F - f_tile * BLOCK_F)
+        y = fp32_tile(Y + head * N_ROWS * DV + v_tile * BLOCK_V, offs_t, ok, tl.arange(0, BLOCK_V), DV,
                   DV - v_tile * BLOCK_V)
         acc = tl.dot(tl.trans(x), y, acc, input_precision=DOT_PREC)
         if HAS_W:
@@ -239,22 +239,21 @@ def _fwd_block(num, den, fq_base, fk_base, v_base, mask_base, offs_m, row_ok, n0
     offs_f = tl.arange(0, BLOCK_F)
     w = tl.zeros([BLOCK_T, BLOCK_T], dtype=tl.float32)
     for f0 in range(0, F, BLOCK_F):
-        fq = _rows(fq_base + f0, offs_m, row_ok, offs_f, F, F - f0)
-        fk = _rows(fk_base + f0, offs_n, key_ok, offs_f, F, F - f0)
+        fq = fp32_tile(fq_base + f0, offs_m, row_ok, offs_f, F, F - f0)
+        fk = fp32_tile(fk_base + f0, offs_n, key_ok, offs_f, F, F - f0)
         w = tl.dot(fq, tl.trans(fk), w, input_precision=DOT_PREC)
     w = tl.where(_pair_ok(offs_m, offs_n, N_Q, N_K, offset, window, IS_CAUSAL, HAS_WINDOW), w, 0.0)
-    num = tl.dot(w, _rows(v_base, offs_n, key_ok, tl.arange(0, BLOCK_V), DV, DV - v0), num, input_precision=DOT_PREC)
+    num = tl.dot(w, fp32_tile(v_base, offs_n, key_ok, tl.arange(0, BLOCK_V), DV, DV - v0), num, input_precision=DOT_PREC)
     return num, den + tl.sum(w, 1)
 
 
 @triton.jit
-def _fwd_kernel(FQ, FK, V, MASK, P, PZ, O, DEN, EPS, HQ, GROUP, N_Q, N_K, F, DV, offset, window,
-                IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_MASK: tl.constexpr, DOT_PREC: tl.constexpr,
-                BLOCK_T: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_V: tl.constexpr):
-    """o and den of one query chunk and value tile: the whole key chunks from the prefix states, the rest in exact
-    blocks. Grid (Cq, b * Hq, dv tiles)."""
-    start_m, bh, batch, bkv, slots, offs_m, row_ok = _query_chunk(HQ, GROUP, N_Q, N_K, BLOCK_T)
-    v0 = tl.program_id(2) * BLOCK_V
+def linear_rows(FQ, FK, V, MASK, P, PZ, start_m, bh, batch, bkv, slots, offs_m, row_ok, N_Q, N_K, F, DV, v0, offset,
+                window, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_MASK: tl.constexpr,
+                DOT_PREC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_V: tl.constexpr):
+    """(num (BLOCK_T, BLOCK_V), den (BLOCK_T,)) fp32 of the query chunk at ``start_m`` and value tile ``v0``: the whole
+    key chunks from the prefix states, the rest in exact blocks (eps not added). Shared with the kernels that put
+    a linear part beside an exact one (``kernels/window_linear.py``)."""
     offs_f = tl.arange(0, BLOCK_F)
     offs_v = tl.arange(0, BLOCK_V)
     fq_base = FQ + bh * N_Q * F
@@ -265,7 +264,7 @@ def _fwd_kernel(FQ, FK, V, MASK, P, PZ, O, DEN, EPS, HQ, GROUP, N_Q, N_K, F, DV,
     num = tl.zeros([BLOCK_T, BLOCK_V], dtype=tl.float32)
     den = tl.zeros([BLOCK_T], dtype=tl.float32)
     for f0 in range(0, F, BLOCK_F):  # the whole key chunks: fq . S, fq . z
-        fq = _rows(fq_base + f0, offs_m, row_ok, offs_f, F, F - f0)
+        fq = fp32_tile(fq_base + f0, offs_m, row_ok, offs_f, F, F - f0)
         s = _cumulative(P + (bkv * slots * F + f0) * DV + v0, hi, lo, F * DV, offs_f, offs_v, DV, F - f0, DV - v0,
                         HAS_WINDOW)
         z = _cumulative_vec(PZ + bkv * slots * F + f0, hi, lo, F, offs_f, F - f0, HAS_WINDOW)
@@ -279,6 +278,19 @@ def _fwd_kernel(FQ, FK, V, MASK, P, PZ, O, DEN, EPS, HQ, GROUP, N_Q, N_K, F, DV,
         num, den = _fwd_block(num, den, fq_base, fk_base, v_base, mask_base, offs_m, row_ok, n0, e2_end, N_Q, N_K,
                               F, DV, v0, offset, window, IS_CAUSAL, HAS_WINDOW, HAS_MASK, DOT_PREC, BLOCK_T, BLOCK_F,
                               BLOCK_V)
+    return num, den
+
+
+@triton.jit
+def _fwd_kernel(FQ, FK, V, MASK, P, PZ, O, DEN, EPS, HQ, GROUP, N_Q, N_K, F, DV, offset, window,
+                IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_MASK: tl.constexpr, DOT_PREC: tl.constexpr,
+                BLOCK_T: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_V: tl.constexpr):
+    """o and den of one query chunk and value tile. Grid (Cq, b * Hq, dv tiles)."""
+    start_m, bh, batch, bkv, slots, offs_m, row_ok = query_chunk(HQ, GROUP, N_Q, N_K, BLOCK_T)
+    v0 = tl.program_id(2) * BLOCK_V
+    offs_v = tl.arange(0, BLOCK_V)
+    num, den = linear_rows(FQ, FK, V, MASK, P, PZ, start_m, bh, batch, bkv, slots, offs_m, row_ok, N_Q, N_K, F, DV,
+                           v0, offset, window, IS_CAUSAL, HAS_WINDOW, HAS_MASK, DOT_PREC, BLOCK_T, BLOCK_F, BLOCK_V)
     den = den + tl.load(EPS + bh % HQ)
     den = tl.where(den == 0.0, 1.0, den)
     rows = bh * N_Q + offs_m.to(tl.int64)
@@ -298,12 +310,12 @@ def _dq_block(acc, g_base, v_base, fk_base, mask_base, c, offs_m, row_ok, n0, li
     offs_v = tl.arange(0, BLOCK_V)
     dw = tl.zeros([BLOCK_T, BLOCK_T], dtype=tl.float32) + c[:, None]
     for v0 in range(0, DV, BLOCK_V):
-        g = _rows(g_base + v0, offs_m, row_ok, offs_v, DV, DV - v0)
-        v = _rows(v_base + v0, offs_n, key_ok, offs_v, DV, DV - v0)
+        g = fp32_tile(g_base + v0, offs_m, row_ok, offs_v, DV, DV - v0)
+        v = fp32_tile(v_base + v0, offs_n, key_ok, offs_v, DV, DV - v0)
         dw = tl.dot(g, tl.trans(v), dw, input_precision=DOT_PREC)
     seen = _pair_ok(offs_m, offs_n, N_Q, N_K, offset, window, IS_CAUSAL, HAS_WINDOW) & key_ok[None, :]
     dw = tl.where(seen, dw, 0.0)
-    fk = _rows(fk_base + f0, offs_n, key_ok, tl.arange(0, BLOCK_F), F, F - f0)
+    fk = fp32_tile(fk_base + f0, offs_n, key_ok, tl.arange(0, BLOCK_F), F, F - f0)
     return tl.dot(dw, fk, acc, input_precision=DOT_PREC)
 
 
@@ -313,7 +325,7 @@ def _dq_kernel(FK, V, G, CQ, MASK, P, PZ, DFQ, HQ, GROUP, N_Q, N_K, F, DV, offse
                BLOCK_T: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_V: tl.constexpr):
     """d fq of one query chunk and feature tile: S g + c z from the prefix states (the forward's key plan), plus
     the edge blocks ((g . v + c) * visible) fk. G (b, Hq, n, dv), CQ (b, Hq, n) fp32. Grid (Cq, b * Hq, F tiles)."""
-    start_m, bh, batch, bkv, slots, offs_m, row_ok = _query_chunk(HQ, GROUP, N_Q, N_K, BLOCK_T)
+    start_m, bh, batch, bkv, slots, offs_m, row_ok = query_chunk(HQ, GROUP, N_Q, N_K, BLOCK_T)
     f0 = tl.program_id(2) * BLOCK_F
     offs_f = tl.arange(0, BLOCK_F)
     offs_v = tl.arange(0, BLOCK_V)
@@ -326,7 +338,7 @@ def _dq_kernel(FK, V, G, CQ, MASK, P, PZ, DFQ, HQ, GROUP, N_Q, N_K, F, DV, offse
     z = _cumulative_vec(PZ + bkv * slots * F + f0, hi, lo, F, offs_f, F - f0, HAS_WINDOW)
     acc = c[:, None] * z[None, :]
     for v0 in range(0, DV, BLOCK_V):
-        g = _rows(g_base + v0, offs_m, row_ok, offs_v, DV, DV - v0)
+        g = fp32_tile(g_base + v0, offs_m, row_ok, offs_v, DV, DV - v0)
         s = _cumulative(P + (bkv * slots * F + f0) * DV + v0, hi, lo, F * DV, offs_f, offs_v, DV, F - f0, DV - v0,
                         HAS_WINDOW)
         acc = tl.dot(g, tl.trans(s), acc, input_precision=DOT_PREC)
@@ -355,11 +367,11 @@ def _dk_block(acc, FQ, G, CQ, v_base, bkv, offs_n, key_ok, m0, lim, GROUP, N_Q, 
         c = tl.load(CQ + bh * N_Q + offs_m, mask=row_ok, other=0.0)
         dw = tl.zeros([BLOCK_T, BLOCK_T], dtype=tl.float32) + c[None, :]
         for v0 in range(0, DV, BLOCK_V):
-            v = _rows(v_base + v0, offs_n, key_ok, offs_v, DV, DV - v0)
-            g = _rows(G + bh * N_Q * DV + v0, offs_m, row_ok, offs_v, DV, DV - v0)
+            v = fp32_tile(v_base + v0, offs_n, key_ok, offs_v, DV, DV - v0)
+            g = fp32_tile(G + bh * N_Q * DV + v0, offs_m, row_ok, offs_v, DV, DV - v0)
             dw = tl.dot(v, tl.trans(g), dw, input_precision=DOT_PREC)
         dw = tl.where(seen, dw, 0.0)
-        fq = _rows(FQ + bh * N_Q * F + f0, offs_m, row_ok, tl.arange(0, BLOCK_F), F, F - f0)
+        fq = fp32_tile(FQ + bh * N_Q * F + f0, offs_m, row_ok, tl.arange(0, BLOCK_F), F, F - f0)
         acc = tl.dot(dw, fq, acc, input_precision=DOT_PREC)
     return acc
 
@@ -380,7 +392,7 @@ def _dk_kernel(FQ, V, G, CQ, MASK, R, RZ, DFK, HKV, GROUP, N_Q, N_K, F, DV, offs
     rz = _cumulative_vec(RZ + bkv * slots * F + f0, lo, hi, F, offs_f, F - f0, HAS_WINDOW)
     acc = tl.zeros([BLOCK_T, BLOCK_F], dtype=tl.float32) + rz[None, :]
     for v0 in range(0, DV, BLOCK_V):
-        v = _rows(v_base + v0, offs_n, key_ok, offs_v, DV, DV - v0)
+        v = fp32_tile(v_base + v0, offs_n, key_ok, offs_v, DV, DV - v0)
         r = _cumulative(R + (bkv * slots * F + f0) * DV + v0, lo, hi, F * DV, offs_f, offs_v, DV, F - f0, DV - v0,
                         HAS_WINDOW)
         acc = tl.dot(v, tl.trans(r), acc, input_precision=DOT_PREC)
@@ -409,11 +421,11 @@ def _dv_block(acc, FQ, G, fk_base, bkv, offs_n, key_ok, m0, lim, GROUP, N_Q, N_K
         bh = bkv * GROUP + gi
         w = tl.zeros([BLOCK_T, BLOCK_T], dtype=tl.float32)
         for f0 in range(0, F, BLOCK_F):
-            fk = _rows(fk_base + f0, offs_n, key_ok, offs_f, F, F - f0)
-            fq = _rows(FQ + bh * N_Q * F + f0, offs_m, row_ok, offs_f, F, F - f0)
+            fk = fp32_tile(fk_base + f0, offs_n, key_ok, offs_f, F, F - f0)
+            fq = fp32_tile(FQ + bh * N_Q * F + f0, offs_m, row_ok, offs_f, F, F - f0)
             w = tl.dot(fk, tl.trans(fq), w, input_precision=DOT_PREC)
         w = tl.where(seen, w, 0.0)
-        g = _rows(G + bh * N_Q * DV + v0, offs_m, row_ok, tl.arange(0, BLOCK_V), DV, DV - v0)
+        g = fp32_tile(G + bh * N_Q * DV + v0, offs_m, row_ok, tl.arange(0, BLOCK_V), DV, DV - v0)
         acc = tl.dot(w, g, acc, input_precision=DOT_PREC)
     return acc
 
@@ -433,7 +445,7 @@ def _dv_kernel(FQ, FK, G, MASK, R, DV_OUT, HKV, GROUP, N_Q, N_K, F, DV, offset, 
     lo, hi, e1, e1_end, e2, e2_end = _query_plan(start_n, N_Q, offset, window, IS_CAUSAL, HAS_WINDOW, BLOCK_T)
     acc = tl.zeros([BLOCK_T, BLOCK_V], dtype=tl.float32)
     for f0 in range(0, F, BLOCK_F):
-        fk = _rows(fk_base + f0, offs_n, key_ok, offs_f, F, F - f0)
+        fk = fp32_tile(fk_base + f0, offs_n, key_ok, offs_f, F, F - f0)
         r = _cumulative(R + (bkv * slots * F + f0) * DV + v0, lo, hi, F * DV, offs_f, offs_v, DV, F - f0, DV - v0,
                         HAS_WINDOW)
         acc = tl.dot(fk, r, acc, input_precision=DOT_PREC)
@@ -482,13 +494,13 @@ def grid(b: int, hq: int, hkv: int, n: int, m: int, f: int, dv: int, chunk: int 
             "query_states": (cq, b * hkv, tf * tv), "dk": (ck, b * hkv, tf), "dv": (ck, b * hkv, tv)}
 
 
-def _launch_args(bl: dict, f: int, dv: int, dtype) -> dict:
+def launch_args(bl: dict, f: int, dv: int, dtype) -> dict:
     """Tiles (narrowed to F and dv), dot precision, warps and stages of a launch."""
     return {"BLOCK_T": bl["BLOCK_T"], "BLOCK_F": _tile(f, bl["BLOCK_F"]), "BLOCK_V": _tile(dv, bl["BLOCK_V"]),
             "DOT_PREC": dot_prec(dtype), "num_warps": 1 if interpreting() else NUM_WARPS, "num_stages": 1}
 
 
-def _chunk_states(x, y, w, mask, *, group: int, chunk_rows: int, prefix: bool, bl: dict, prec: str):
+def chunk_states(x, y, w, mask, *, group: int, chunk_rows: int, prefix: bool, bl: dict, prec: str):
     """States of row chunks, summed over ``group`` consecutive input heads: (P (b*H, C + 1, F, dv), PZ (b*H, C + 1,
     F)) fp32 with H = x heads / group. ``prefix``: slot c holds chunks < c (slot 0 empty); else slot c holds chunks
     >= c (slot C empty). ``prec``: the dots' input precision."""
@@ -502,7 +514,7 @@ def _chunk_states(x, y, w, mask, *, group: int, chunk_rows: int, prefix: bool, b
     p[:, empty].zero_()
     pz[:, empty].zero_()
     if chunks and b * heads:
-        la = _launch_args(bl, f, dv, x.dtype)
+        la = launch_args(bl, f, dv, x.dtype)
         la["DOT_PREC"] = prec
         tiles = triton.cdiv(f, la["BLOCK_F"]) * triton.cdiv(dv, la["BLOCK_V"])
         dummy = p  # the pointer passed for an absent W / MASK (never read)
@@ -572,9 +584,9 @@ def forward(fq, fk, v, *, causal: bool, offset: int, window, key_mask, eps, chun
     b, hq, n, f = fq.shape
     hkv, m, dv = fk.shape[1], fk.shape[2], v.shape[-1]
     bl = blocks(chunk)
-    la = _launch_args(bl, f, dv, fq.dtype)
+    la = launch_args(bl, f, dv, fq.dtype)
     la["DOT_PREC"] = _precision(fq, fk, v)
-    p, pz = _chunk_states(fk, v, None, key_mask, group=1, chunk_rows=bl["BLOCK_T"], prefix=True, bl=bl,
+    p, pz = chunk_states(fk, v, None, key_mask, group=1, chunk_rows=bl["BLOCK_T"], prefix=True, bl=bl,
                           prec=la["DOT_PREC"])
     o = torch.empty((b, hq, n, dv), device=fq.device, dtype=torch.float32)
     den = torch.empty((b, hq, n), device=fq.device, dtype=torch.float32)
@@ -585,17 +597,32 @@ def forward(fq, fk, v, *, causal: bool, offset: int, window, key_mask, eps, chun
     return o, den, p, pz
 
 
+def rows_seeing_keys(n: int, m: int, *, causal: bool, offset: int, window, key_mask, device) -> torch.Tensor:
+    """(b|1, n) bool: query i sees at least one real key (its causal / window range holds an unpadded key)."""
+    i = torch.arange(n, device=device)
+    k1 = (i + offset + 1).clamp(0, m) if causal else torch.full_like(i, m)
+    k0 = (i + offset - window + 1).clamp(0, m) if window is not None else torch.zeros_like(i)
+    k0 = torch.minimum(k0, k1)
+    if key_mask is None:
+        return (k1 > k0)[None]
+    counts = torch.nn.functional.pad(key_mask.to(torch.int32).cumsum(-1), (1, 0))
+    return (counts[:, k1] - counts[:, k0]) > 0
+
+
 def backward(do, fq, fk, v, o, den, p, pz, *, causal: bool, offset: int, window, key_mask, chunk=None):
     """The backward stages -> (d fq, d fk, d v) in fp32."""
     b, hq, n, f = fq.shape
     hkv, m, dv = fk.shape[1], fk.shape[2], v.shape[-1]
     group = hq // hkv
     bl = blocks(chunk)
-    la = _launch_args(bl, f, dv, fq.dtype)
+    la = launch_args(bl, f, dv, fq.dtype)
     la["DOT_PREC"] = _precision(fq, fk, v)
-    g = (do.float() / den.unsqueeze(-1)).contiguous()
-    c = (-(do.float() * o).sum(-1) / den).contiguous()
-    r, rz = _chunk_states(fq, g, c, None, group=group, chunk_rows=bl["BLOCK_T"], prefix=False, bl=bl,
+    sees = rows_seeing_keys(n, m, causal=causal, offset=offset, window=window, key_mask=key_mask, device=fq.device)
+    # rows that see no key (den = eps) would put do / eps into the query-side states, whose window differences
+    # would then lose everything else to rounding: their g and c are 0 (they reach no key anyway)
+    g = torch.where(sees[:, None, :, None], do.float() / den.unsqueeze(-1), 0.0).contiguous()
+    c = torch.where(sees[:, None, :], -(do.float() * o).sum(-1) / den, 0.0).contiguous()
+    r, rz = chunk_states(fq, g, c, None, group=group, chunk_rows=bl["BLOCK_T"], prefix=False, bl=bl,
                           prec=la["DOT_PREC"])
     dfq = torch.empty((b, hq, n, f), device=fq.device, dtype=torch.float32)
     dfk = torch.empty((b, hkv, m, f), device=fq.device, dtype=torch.float32)

@@ -15,7 +15,8 @@ part only: ``attnswap.transfer`` trains it. "Last" and "first" count visible key
 Two exact forms: quadratic (chunked over queries, any mask) and, for causal attention whose key padding is one run
 of real tokens per row (left or right padding), a linear-time form: per query chunk, the sink keys and the band
 of window keys exactly, and the older keys from a running feature-map state (``feature_map.linear_time_attention``).
-Decoding with ``attnswap.StateCache`` keeps, per row, the sink and window keys' K/V and a running state of the rest
+On a GPU the Triton kernel (``attnswap/kernels/window_linear.py``) runs causal attention with no padding or left
+padding, forward and backward. Decoding with ``attnswap.StateCache`` keeps, per row, the sink and window keys' K/V and a running state of the rest
 (``cached_step``): memory bounded by ``sink_tokens + local_window`` keys, whatever the context.
 """
 

@@ -326,6 +326,10 @@ def state_attention(layer: StateLayer, spec, query, key, value, attention_mask, 
             key = project(spec.options[FEATURE_PROJ], query, key)[1]
     else:  # queries and keys as dispatch.run would see them (learned projection, score scale)
         query, key, _ = prepare_qk(spec.options, query, key)
+        if _fused_step_applies(query, layer, new_mask):
+            out = _fused_step(layer, phi, eps, sink_weight, sinks, query, key, value, real)
+            _count(layer, real, q, b, key.device)
+            return out
         out = _with_state(layer, phi, eps, sink_weight, sinks, query, key, value, new_mask, is_causal, groups)
     _fold(layer, phi, key, value, real)
     return out
@@ -373,6 +377,36 @@ def _check_new_keys(layer, new_mask, real, is_causal: bool, q: int) -> None:
     if bool(((new_mask != expected) & rows).any()):
         raise AttnSwapError(f"StateCache layer {layer.layer_idx}: the mask over the new keys is not causal key "
                             "padding, which window_linear's bounded cache cannot honor; use a DynamicCache")
+
+
+FUSED_STEP = "auto"  # "auto": the fused Triton step on CUDA tensors; "always" (the interpreter: tests); "never"
+
+
+def _fused_step_applies(query, layer: StateLayer, new_mask) -> bool:
+    """One new token per row against a state, its mask (if any) shared by the heads: then the new key is visible to
+    its own query exactly when it is real, which is what ``kernels.state_step`` computes."""
+    if query.shape[2] != 1 or layer.state is None or FUSED_STEP == "never":
+        return False
+    if new_mask is not None and new_mask.shape[1] != 1:
+        return False
+    return query.is_cuda or FUSED_STEP == "always"
+
+
+def _fused_step(layer, phi, eps, sink_weight, sinks, query, key, value, real):
+    """``_with_state`` then ``_fold`` for one new token per row, as one kernel launch (``kernels.state_step``)."""
+    from ..kernels.state_step import state_step
+
+    b, hq = query.shape[:2]
+    hkv = key.shape[1]
+    fq = phi(query.float()).reshape(b, hkv, hq // hkv, -1)
+    fk = phi(key.float())[:, :, 0]
+    extra = torch.full((hq,), float(eps), device=query.device, dtype=torch.float32)
+    if sink_weight is not None and sinks is not None:
+        extra = extra + sink_weight(sinks.float()).reshape(hq)
+    if not (layer.state.is_contiguous() and layer.norm.is_contiguous()):
+        layer.state, layer.norm = layer.state.contiguous(), layer.norm.contiguous()
+    return state_step(fq, fk, value[:, :, 0], layer.state, layer.norm, extra,
+                      real=None if real is None else real[:, 0])
 
 
 def _with_state(layer, phi, eps, sink_weight, sinks, query, key, value, new_mask, is_causal, groups):
@@ -423,7 +457,12 @@ def _fold(layer: StateLayer, phi, key, value, real) -> None:
         else:
             layer.state += ds
             layer.norm += dz
-    count = real.sum(-1) if real is not None else torch.full((b,), q, dtype=torch.int64, device=key.device)
+    _count(layer, real, q, b, key.device)
+
+
+def _count(layer: StateLayer, real, q: int, b: int, device) -> None:
+    """Record ``q`` more past tokens, of which each row's real ones (``real`` (b, q) or None: all) entered the state."""
+    count = real.sum(-1) if real is not None else torch.full((b,), q, dtype=torch.int64, device=device)
     layer.valid = count if layer.valid is None else layer.valid + count
     layer.seen += q
 

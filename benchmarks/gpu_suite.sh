@@ -30,7 +30,8 @@ python3 -c "import entmax" 2>/dev/null && baselines=$baselines,entmax_pkg
 # kernel tests: two autotune candidates per key (compiles, not tuning, dominate a test run)
 step "${KERNEL_TESTS_S:-200}" kernel-tests env ATTNSWAP_AUTOTUNE=0 python3 -m pytest tests/test_kernels_softmax_fwd.py \
     tests/test_kernels_softmax_bwd.py tests/test_kernels_topk.py tests/test_kernels_entmax.py tests/test_kernels_entmax_decode.py \
-    tests/test_kernels_linear.py tests/test_kernels_linear_parallel.py -q -n 8 --timeout 150 -p no:cacheprovider -rfE
+    tests/test_kernels_linear.py tests/test_kernels_linear_parallel.py tests/test_kernels_window_linear.py \
+    tests/test_kernels_state_step.py -q -n 8 --timeout 150 -p no:cacheprovider -rfE
 tail -n 25 "$LOG" | grep -E "passed|failed|error" | tail -n 3
 # routing: the softmax swap against the model's own SDPA and against the torch call it dispatches to (SmolLM2's
 # shapes, then head dim 128), prefill and decode; the crossover with our kernel shows in the prefill rows

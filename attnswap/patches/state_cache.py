@@ -326,7 +326,7 @@ def state_attention(layer: StateLayer, spec, query, key, value, attention_mask, 
             key = project(spec.options[FEATURE_PROJ], query, key)[1]
     else:  # queries and keys as dispatch.run would see them (learned projection, score scale)
         query, key, _ = prepare_qk(spec.options, query, key)
-        if _fused_step_applies(query, layer, new_mask):
+        if _fused_step_applies(query, key, value, layer, new_mask):
             out = _fused_step(layer, phi, eps, sink_weight, sinks, query, key, value, real)
             _count(layer, real, q, b, key.device)
             return out
@@ -382,11 +382,13 @@ def _check_new_keys(layer, new_mask, real, is_causal: bool, q: int) -> None:
 FUSED_STEP = "auto"  # "auto": the fused Triton step on CUDA tensors; "always" (the interpreter: tests); "never"
 
 
-def _fused_step_applies(query, layer: StateLayer, new_mask) -> bool:
+def _fused_step_applies(query, key, value, layer: StateLayer, new_mask) -> bool:
     """One new token per row against a state, its mask (if any) shared by the heads: then the new key is visible to
     its own query exactly when it is real, which is what ``kernels.state_step`` computes."""
     if query.shape[2] != 1 or layer.state is None or FUSED_STEP == "never":
         return False
+    if torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad):
+        return False  # the kernel has no backward: a step that trains keeps the PyTorch path
     if new_mask is not None and new_mask.shape[1] != 1:
         return False
     return query.is_cuda or FUSED_STEP == "always"

@@ -68,8 +68,8 @@ def test_generate_through_the_fused_step(monkeypatch, family, kind):
         return real_step(*args, **kwargs)
 
     monkeypatch.setattr(step_module, "state_step", spy)
-    model = tiny_model(family)
-    ids, mask = left_padded_batch(model.config.vocab_size)
+    model = tiny_model(family).to(DEV)
+    ids, mask = (t.to(DEV) for t in left_padded_batch(model.config.vocab_size))
     attnswap.swap_attention(model, kind)
     ref = generate(model, ids, mask, cache=dynamic(model))
     out = generate(model, ids, mask)

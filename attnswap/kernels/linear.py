@@ -10,7 +10,7 @@ mask that differs between heads is declined (the PyTorch reference runs it).
 from __future__ import annotations
 
 from ..kinds.linear import FEATURE_MAPS
-from .feature_inputs import shared_key_mask, supports_features
+from .feature_inputs import feature_pair, shared_key_mask, supports_features
 from .linear_parallel import parallel_linear_attention
 
 
@@ -21,9 +21,7 @@ def kernel(query, key, value, vis, *, scaling=None, softcap=None, sinks=None, dr
     ok, why = supports(query, key, value, vis, dropout=dropout, need_weights=need_weights, feature_map=feature_map)
     if not ok:
         raise ValueError(f"the linear kernel cannot run these inputs: {why}")
-    phi = FEATURE_MAPS[feature_map]
-    fq = phi(query.float()).to(query.dtype)
-    fk = phi(key.float()).to(key.dtype)
+    fq, fk = feature_pair(FEATURE_MAPS[feature_map], query, key)
     out = parallel_linear_attention(fq, fk, value, causal=vis.causal, offset=vis.offset, window=vis.window,
                                     key_mask=shared_key_mask(vis)[1], eps=float(eps))
     return out.to(query.dtype), None

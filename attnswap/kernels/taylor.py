@@ -17,14 +17,14 @@ import functools
 
 from ..kinds.feature_map import CHUNK
 from ..kinds.taylor import make_feature_map, taylor_weight
-from .feature_inputs import MAX_HEAD_DIM, shared_key_mask, supports_features
+from .feature_inputs import MAX_HEAD_DIM, feature_pair, shared_key_mask, supports_features
 from .linear_parallel import parallel_linear_attention
 from .softmax import FlashAttention
 from .tiles import common_support
 
 # Keys from which ``auto`` takes the feature form on a GPU. Not yet measured on one: the score form costs ~n m d
 # (half of it under a causal mask), the feature form ~(n + m) F dv with F = 2081 at d = 64, so the crossover
-# is expected at a few thousand keys; `benchmarks/linear_attention.py --kinds taylor --taylor-forms` measures it.
+# is expected at a few thousand keys; `benchmarks/linear_attention.py --modes engines` times both forms.
 FEATURE_FORM_FROM = 8192
 
 
@@ -72,9 +72,7 @@ def choose_form(query, key, value, vis, *, form="auto", softcap=None, sinks=None
 
 
 def _feature_form(query, key, value, vis, *, scaling, sinks):
-    phi = _feature_map(float(scaling))
-    fq = phi(query.float()).to(query.dtype)
-    fk = phi(key.float()).to(key.dtype)
+    fq, fk = feature_pair(_feature_map(float(scaling)), query, key)
     extra = 0.0 if sinks is None else taylor_weight(sinks.float())
     return parallel_linear_attention(fq, fk, value, causal=vis.causal, offset=vis.offset, window=vis.window,
                                      key_mask=shared_key_mask(vis)[1], eps=extra)

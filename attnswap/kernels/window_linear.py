@@ -35,7 +35,7 @@ import triton.language as tl
 
 from ..kinds.linear import FEATURE_MAPS
 from . import linear_parallel as lp
-from .feature_inputs import decode_shape, key_padding
+from .feature_inputs import decode_shape, feature_pair, key_padding
 from .linear_parallel import clamp, fp32_tile, linear_rows, query_chunk
 from .tiles import common_support, tanh
 from .tuning import interpreting
@@ -386,13 +386,12 @@ def _features(query, key, feature_map, projection):
     """phi(P q) (b, Hq, n, F) and phi(P k) (b, Hkv, m, F) in the inputs' dtype (fp32 math), P the learned projection
     when there is one (its gradient flows through autograd)."""
     phi = FEATURE_MAPS[feature_map]
+    if projection is None:
+        return feature_pair(phi, query, key)
     b, hq, n, d = query.shape
     hkv = key.shape[1]
-    if projection is None:
-        pq, pk = query.float(), key.float()
-    else:
-        pq = projection.apply(query.reshape(b, hkv, hq // hkv, n, d)).reshape(b, hq, n, d)
-        pk = projection.apply(key[:, :, None])[:, :, 0]
+    pq = projection.apply(query.reshape(b, hkv, hq // hkv, n, d)).reshape(b, hq, n, d)
+    pk = projection.apply(key[:, :, None])[:, :, 0]
     return phi(pq).to(query.dtype), phi(pk).to(key.dtype)
 
 
@@ -417,36 +416,45 @@ def kernel(query, key, value, vis, *, scaling, softcap=None, sinks=None, dropout
            **options):
     """Registry kernel of ``window_linear``: ``(out (b, Hq, n, dv) in query.dtype, None)``; any ``form`` (the same
     math)."""
-    ok, why = supports(query, key, value, vis, scaling=scaling, softcap=softcap, sinks=sinks, dropout=dropout,
-                       need_weights=need_weights, feature_map=feature_map)
-    if not ok:
+    starts, why = _plan(query, key, value, vis, sinks=sinks, dropout=dropout, need_weights=need_weights,
+                        feature_map=feature_map)
+    if starts is None:
         raise ValueError(f"the window_linear kernel cannot run these inputs: {why}")
     fq, fk = _features(query, key, feature_map, feature_proj)
     out = window_linear_attention(query, key, value, fq, fk, local_window=local_window, sink_tokens=sink_tokens,
                                   scaling=scaling, offset=vis.offset, softcap=softcap, sinks=sinks, eps=eps,
-                                  starts=left_padding_starts(vis, key.shape[0], key.shape[2], query.device))
+                                  starts=starts)
     return out, None
+
+
+def _plan(query, key, value, vis, *, sinks, dropout, need_weights, feature_map) -> tuple[torch.Tensor | None, str]:
+    """(each row's first real key (b,) int32, "") when the kernel can run these inputs, else (None, why not)."""
+    ok, why = common_support(query, key, value, vis, dropout=dropout, need_weights=need_weights, sinks=sinks,
+                             name="window_linear", max_head_dim=MAX_HEAD_DIM)
+    if not ok:
+        return None, why
+    if value.shape[-1] != query.shape[-1]:
+        return None, "the window_linear kernel needs the value head dim equal to the query's"
+    if feature_map not in FEATURE_MAPS:
+        return None, f"the window_linear kernel has no feature map {feature_map!r}"
+    if not (vis.is_structured and vis.causal and vis.window is None):
+        return None, ("the window_linear kernel takes causal attention without a sliding window and with key padding "
+                      "only; other masks run the PyTorch forms")
+    why = decode_shape(query, key)
+    if why:
+        return None, why
+    if sinks is not None and tuple(sinks.shape) != (query.shape[1],):
+        return None, f"sinks must have shape (Hq,) = ({query.shape[1]},)"
+    starts = left_padding_starts(vis, key.shape[0], key.shape[2], query.device)
+    if starts is None:
+        return None, ("the window_linear kernel takes key padding shared by the heads whose real keys end each row "
+                      "(left padding); right padding, holes and per-head masks run the PyTorch forms")
+    return starts, ""
 
 
 def supports(query, key, value, vis, *, scaling=None, softcap=None, sinks=None, dropout=0.0, need_weights=False,
              **options) -> tuple[bool, str]:
     """Whether ``kernel`` can run these inputs, and why not."""
-    ok, why = common_support(query, key, value, vis, dropout=dropout, need_weights=need_weights, sinks=sinks,
-                             name="window_linear", max_head_dim=MAX_HEAD_DIM)
-    if not ok:
-        return ok, why
-    if value.shape[-1] != query.shape[-1]:
-        return False, "the window_linear kernel needs the value head dim equal to the query's"
-    if options.get("feature_map", "hedgehog") not in FEATURE_MAPS:
-        return False, f"the window_linear kernel has no feature map {options.get('feature_map')!r}"
-    if not (vis.is_structured and vis.causal and vis.window is None):
-        return False, ("the window_linear kernel takes causal attention without a sliding window and with key padding "
-                       "only; other masks run the PyTorch forms")
-    if decode_shape(query, key):
-        return False, decode_shape(query, key)
-    if sinks is not None and tuple(sinks.shape) != (query.shape[1],):
-        return False, f"sinks must have shape (Hq,) = ({query.shape[1]},)"
-    if left_padding_starts(vis, key.shape[0], key.shape[2], query.device) is None:
-        return False, ("the window_linear kernel takes key padding shared by the heads whose real keys end each row "
-                       "(left padding); right padding, holes and per-head masks run the PyTorch forms")
-    return True, ""
+    starts, why = _plan(query, key, value, vis, sinks=sinks, dropout=dropout, need_weights=need_weights,
+                        feature_map=options.get("feature_map", "hedgehog"))
+    return starts is not None, why

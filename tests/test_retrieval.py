@@ -18,8 +18,8 @@ from attnswap.evals import retrieval as retrieval_mod
 from attnswap.evals import runner
 from attnswap.evals.corpus import default_text
 from attnswap.evals.report import ResultsWriter
-from attnswap.evals.retrieval import (FACTS, INTRO, build_prompt, check_grid, retrieval_at_depth, score_prompt,
-                                      summarize)
+from attnswap.evals.retrieval import (FACTS, INTRO, build_prompt, check_grid, retrieval_at_depth, score_haystack,
+                                      score_prompt, summarize)
 from attnswap.evals.specs import parse_attn
 from attnswap.patches.state_cache import StateCache, new_cache
 
@@ -109,6 +109,29 @@ def test_greedy_answer_equals_generate(tiny, filler, kind):
     assert plain["generated_ids"] == full and plain["exact"] == (full == prompt.answer_ids)
 
 
+@pytest.mark.parametrize("kind,options", [(None, {}), ("topk", {"k": 8}), ("linear", {}), ("window_linear", {})])
+def test_haystack_prefix_shared_changes_no_score(tiny, filler, kind, options):
+    """The depths of one (context, trial) share the filler window, so their prompts agree up to the fact; scoring
+    them from a prefix prefilled once gives each prompt's scores from its own whole prefill (K/V cache and
+    StateCache alike), and the cache is left as it was (the next depth starts from the shared prefix)."""
+    model, tok = tiny
+    prompts = [build_prompt(tok, filler, context=176, depth=d, trial=1, seed=4, distractors=4) for d in (60, 0, 100, 30)]
+    assert len({p.filler_offset for p in prompts}) == 1
+    deepest = max(prompts, key=lambda p: p.fact_start)
+    assert all(p.input_ids[:p.fact_start] == deepest.input_ids[:p.fact_start] for p in prompts)
+    with (attnswap.swapped(model, kind, **options) if kind else torch.no_grad()):
+        assert isinstance(new_cache(model), StateCache) == (kind in ("linear", "window_linear"))
+        together = score_haystack(model, prompts, tok)
+        alone = [score_prompt(model, p, tok) for p in prompts]
+    for t, a in zip(together, alone):
+        assert t["logprobs"] == pytest.approx(a["logprobs"], abs=1e-4)
+        assert (t["rank"], t["generated_ids"], t["exact"]) == (a["rank"], a["generated_ids"], a["exact"])
+    assert together[1]["prefix_s"] >= 0 and together[2]["prefix_s"] >= 0
+    other = build_prompt(tok, filler, context=176, depth=50, trial=2, seed=4, distractors=4)
+    with pytest.raises(AttnSwapError, match="do not share their text before the fact"):
+        score_haystack(model, [prompts[0], other], tok)
+
+
 def test_same_seed_same_rows_and_own_equals_softmax(tiny):
     model, tok = tiny
     text = default_text(max_chars=20_000)
@@ -116,7 +139,7 @@ def test_same_seed_same_rows_and_own_equals_softmax(tiny):
     common = dict(contexts=[128, 192], depths=[0, 100], trials=2, text=text, distractors=4, arms=arms)
 
     def strip(rows):
-        return [{k: v for k, v in r.items() if k not in ("prefill_s", "seconds")} for r in rows]
+        return [{k: v for k, v in r.items() if k not in ("prefill_s", "prefix_s", "seconds")} for r in rows]
 
     a = strip(retrieval_at_depth(model, tok, seed=7, **common))
     b = strip(retrieval_at_depth(model, tok, seed=7, **common))

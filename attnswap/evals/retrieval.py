@@ -11,7 +11,14 @@ The filler is a window of the text (the offline corpus by default) at a seeded o
 ``digits`` digits) and the distractors (``distractors`` other values of the same number of digits) are seeded too,
 so a grid point's prompt is the same for every attention compared and the same ``seed`` gives the same run.
 
-The prompt runs once (one prefill, ``use_cache=True``, only the last position's logits); from that cache:
+The haystack: every depth of one (context, trial) uses the same filler window (the offset is seeded by context
+and trial only), so only the fact's place differs between them, as in the usual needle-in-a-haystack design.
+Their prompts then share ``intro | filler[:i]``: the run prefills that prefix once per haystack, growing it depth by
+depth (shallowest first), and each depth prefills only the rest of its prompt from there (``CacheMark`` rewinds
+the cache after each). Each prompt's tokens are still processed exactly once at their positions, so the scores are
+those of prefilling the whole prompt (to float rounding); the grid costs less than one prefill per grid point.
+
+Each prompt's prefill (``use_cache=True``, only the last position's logits) gives:
 
 - ``rank``: the true answer's place among the candidates (true + distractors) by summed log-likelihood
   ``log p(answer | prompt)`` (1 = best; ties count against it); each candidate is scored from the same cache, which
@@ -44,7 +51,8 @@ from ..patches.swap import find_attention
 from .cache_rewind import CacheMark
 
 __all__ = ["DEFAULT_CONTEXTS", "DEFAULT_DEPTHS", "FACTS", "RetrievalPrompt", "build_prompt", "check_grid",
-           "default_contexts", "max_positions", "retrieval_at_depth", "score_prompt", "summarize"]
+           "default_contexts", "max_positions", "retrieval_at_depth", "score_haystack", "score_prompt",
+           "summarize"]
 
 DEFAULT_CONTEXTS = (1024, 2048, 4096, 8192)
 DEFAULT_DEPTHS = (0, 25, 50, 75, 100)
@@ -134,6 +142,11 @@ def _grid_rng(seed: int, context: int, depth: float, trial: int) -> random.Rando
     return random.Random(((seed * 1_000_003 + context) * 1_009 + round(depth * 1000)) * 101 + trial)
 
 
+def _haystack_rng(seed: int, context: int, trial: int) -> random.Random:
+    """The filler window's draw: the same for every depth of a (context, trial), so their prompts share a prefix."""
+    return random.Random(((seed * 1_000_003 + context) * 1_009 - 1) * 101 + trial)
+
+
 def _values(rng: random.Random, digits: int, count: int) -> list[str]:
     """``count`` distinct numbers of ``digits`` digits (no leading zero)."""
     space = 9 * 10 ** (digits - 1)
@@ -173,7 +186,8 @@ def build_prompt(tokenizer, filler_ids: Sequence[int], *, context: int, depth: f
     if filler_len < 0:
         raise AttnSwapError(f"retrieval: context length {context} is too short for the prompt: the intro, fact, "
                             f"question and answer alone take {context - filler_len} tokens")
-    offset = rng.randrange(max(1, len(filler_ids) - filler_len + 1)) if len(filler_ids) >= filler_len else 0
+    # the window start, from (seed, context, trial) alone; any filler length up to the context fits from there
+    offset = _haystack_rng(seed, context, trial).randrange(max(1, len(filler_ids) - context + 1))
     filler = [filler_ids[(offset + i) % len(filler_ids)] for i in range(filler_len)]
     at = round(depth / 100 * filler_len)
     ids = intro + filler[:at] + fact_ids + filler[at:] + question
@@ -192,37 +206,82 @@ def _accepts(model, name: str) -> bool:
 
 
 @torch.no_grad()
-def score_prompt(model, prompt: RetrievalPrompt, tokenizer=None) -> dict:
-    """One prefill of ``prompt``, then every candidate's log-likelihood and a greedy answer from that cache.
+def score_prompt(model, prompt: RetrievalPrompt, tokenizer=None, *, cache=None, cached: int = 0) -> dict:
+    """The prefill of ``prompt``, then every candidate's log-likelihood and a greedy answer from that cache.
 
+    ``cache`` (from ``new_cache``) may already hold the prompt's first ``cached`` tokens (a haystack's shared
+    prefix): only the rest is prefilled, and the cache is rewound to what it held on entry before returning.
     Returns ``logprobs`` (per candidate, the true one first), ``rank``, ``graded``, ``generated_ids``,
     ``generated`` (decoded, when a tokenizer is given), ``exact`` and ``prefill_s`` / ``seconds``."""
     device = next(model.parameters()).device
-    cache = new_cache(model)
+    if cache is None:
+        cache, cached = new_cache(model), 0
+    if not 0 <= cached < len(prompt.input_ids):
+        raise AttnSwapError(f"retrieval: {cached} cached tokens of a {len(prompt.input_ids)}-token prompt: the "
+                            "cache must leave at least the prompt's last token to prefill")
+    entry = CacheMark(cache)
     with_cache = {cache_argument(model): cache, "use_cache": True}
     last_only = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
     start = time.perf_counter()
-    ids = torch.tensor([prompt.input_ids], device=device)
-    last = model(input_ids=ids, **with_cache, **last_only).logits[0, -1].float().log_softmax(-1)
-    prefill_s = time.perf_counter() - start
-    mark = CacheMark(cache)
-    rest = (_packed_continuations if _can_pack(model, cache) else _each_continuation)(
-        model, prompt.candidate_ids, len(prompt.input_ids), with_cache, mark, device)
+    try:
+        ids = torch.tensor([prompt.input_ids[cached:]], device=device)
+        last = model(input_ids=ids, **with_cache, **last_only).logits[0, -1].float().log_softmax(-1)
+        prefill_s = time.perf_counter() - start
+        mark = CacheMark(cache)
+        rest = (_packed_continuations if _can_pack(model, cache) else _each_continuation)(
+            model, prompt.candidate_ids, len(prompt.input_ids), with_cache, mark, device)
+        hopeless = None
+        if tokenizer is not None:
+            def hopeless(tokens):  # the answer so far can no longer start with the value
+                said = tokenizer.decode(tokens, skip_special_tokens=True).strip()
+                return bool(said) and not (prompt.value.startswith(said) or said.startswith(prompt.value))
+        generated = _greedy(model, last, len(prompt.answer_ids), with_cache, last_only, device, hopeless)
+    finally:
+        entry.rewind()
     logprobs = [float(last[cand[0]].double() + more) for cand, more in zip(prompt.candidate_ids, rest)]
     true = logprobs[0]
     rank = 1 + sum(1 for lp in logprobs[1:] if lp >= true)
     count = len(logprobs)
-    hopeless = None
-    if tokenizer is not None:
-        def hopeless(tokens):  # the answer so far can no longer start with the value
-            said = tokenizer.decode(tokens, skip_special_tokens=True).strip()
-            return bool(said) and not (prompt.value.startswith(said) or said.startswith(prompt.value))
-    generated = _greedy(model, last, len(prompt.answer_ids), with_cache, last_only, device, hopeless)
     text = tokenizer.decode(generated, skip_special_tokens=True) if tokenizer is not None else None
     exact = (text.strip().startswith(prompt.value) if text is not None else generated == prompt.answer_ids)
     return {"logprobs": logprobs, "rank": rank, "graded": (count - rank) / (count - 1), "candidates": count,
             "generated_ids": generated, "generated": text, "exact": bool(exact), "prefill_s": prefill_s,
             "seconds": time.perf_counter() - start}
+
+
+def score_haystack(model, prompts: Sequence[RetrievalPrompt], tokenizer=None,
+                   on_scored: Callable[[RetrievalPrompt, dict], object] | None = None) -> list[dict]:
+    """``score_prompt`` for prompts that share their tokens up to the fact (the depths of one haystack), the
+    shared prefix prefilled once: shallowest fact first, the cache grows to each fact's start, each prompt is
+    scored from there. Returns the results in the order given; ``on_scored(prompt, result)`` as each is measured
+    (shallowest first). Each result's ``prefix_s`` is the time spent growing the prefix up to its fact."""
+    device = next(model.parameters()).device
+    order = sorted(range(len(prompts)), key=lambda i: prompts[i].fact_start)
+    for a, b in zip(order, order[1:]):
+        first, then = prompts[a], prompts[b]
+        if first.input_ids[:first.fact_start] != then.input_ids[:first.fact_start]:
+            raise AttnSwapError("retrieval: these prompts do not share their text before the fact (a haystack's "
+                                "depths come from build_prompt with the same context, trial and seed)")
+    cache, cached = new_cache(model), 0
+    with_cache = {cache_argument(model): cache, "use_cache": True}
+    last_only = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
+    results: list[dict | None] = [None] * len(prompts)
+    with torch.no_grad():
+        for i in order:
+            prompt = prompts[i]
+            start = time.perf_counter()
+            if prompt.fact_start > cached:
+                grow = torch.tensor([prompt.input_ids[cached:prompt.fact_start]], device=device)
+                model(input_ids=grow, **with_cache, **last_only)
+                cached = prompt.fact_start
+            prefix_s = time.perf_counter() - start
+            scored = score_prompt(model, prompt, tokenizer, cache=cache, cached=cached)
+            scored["prefix_s"] = prefix_s
+            scored["seconds"] += prefix_s
+            results[i] = scored
+            if on_scored is not None:
+                on_scored(prompt, scored)
+    return results
 
 
 def _can_pack(model, cache) -> bool:
@@ -303,13 +362,14 @@ def retrieval_at_depth(model, tokenizer, *, contexts: Iterable[int] | None = Non
                        arms: dict[str, Callable[[], contextlib.AbstractContextManager]] | None = None,
                        on_record: Callable[[dict], object] | None = None,
                        progress: Callable[[int], object] | None = None) -> list[dict]:
-    """One row per grid point (context outer, then depth, then trial) and arm; see the module doc.
+    """One row per grid point and arm (context outer, then trial, then arm, then depth, shallowest first: one
+    haystack's depths share their prefix, see the module doc).
 
     ``contexts`` default: ``DEFAULT_CONTEXTS`` up to the model's maximum (that maximum alone when all are above it);
     given ones above it are an error. ``text``: the filler (default: the offline corpus). ``arms``: {label: () ->
     context manager} (the model's own attention and swaps): each grid point's prompt is scored under every arm in
     turn; without ``arms`` the model is scored as it is (label None). ``on_record(row)`` as each row is measured
-    (write it out: an interrupted run keeps what it measured), ``progress(1)`` after each grid point.
+    (write it out: an interrupted run keeps what it measured), ``progress(points)`` after each haystack.
     """
     if contexts is None:
         contexts = default_contexts(model)
@@ -325,19 +385,20 @@ def retrieval_at_depth(model, tokenizer, *, contexts: Iterable[int] | None = Non
     rows = []
     try:
         for context in contexts:
-            for depth in depths:
-                for trial in range(trials):
-                    prompt = build_prompt(tokenizer, filler_ids, context=context, depth=depth, trial=trial,
-                                          seed=seed, fact=fact, distractors=distractors, digits=digits)
-                    for label, arm in run_arms.items():
-                        with arm():
-                            scored = score_prompt(model, prompt, tokenizer)
+            for trial in range(trials):
+                haystack = [build_prompt(tokenizer, filler_ids, context=context, depth=depth, trial=trial, seed=seed,
+                                         fact=fact, distractors=distractors, digits=digits) for depth in depths]
+                for label, arm in run_arms.items():
+                    def record(prompt, scored, label=label):
                         row = _row(label, prompt, scored, seed, fact)
                         rows.append(row)
                         if on_record is not None:
                             on_record(row)
-                    if progress is not None:
-                        progress(1)
+
+                    with arm():
+                        score_haystack(model, haystack, tokenizer, on_scored=record)
+                if progress is not None:
+                    progress(len(haystack))
     finally:
         model.train(was_training)
     return rows
@@ -352,7 +413,7 @@ def _row(label, prompt: RetrievalPrompt, scored: dict, seed: int, fact: str) -> 
         "rank": scored["rank"], "candidates": scored["candidates"], "graded": scored["graded"],
         "exact": scored["exact"], "generated": scored["generated"], "true_logprob": scored["logprobs"][0],
         "distractor_logprobs": scored["logprobs"][1:], "prefill_s": scored["prefill_s"],
-        "seconds": scored["seconds"],
+        "prefix_s": scored.get("prefix_s", 0.0), "seconds": scored["seconds"],
     })
     return row
 

@@ -187,6 +187,9 @@ def run_focus(model, ids, specs: list[AttnSpec], *, contexts=None, own: bool = T
     from .focus import default_contexts, focus_sweep
     from .own_attention import own_attention_stats
 
+    for spec in specs:  # fit the calibrated/transferred specs now, once (a row's seconds are its measurement's)
+        with applied(model, spec):
+            pass
     measures = {}
     if own:
         measures["model's own"] = lambda part: own_attention_stats(model, part)

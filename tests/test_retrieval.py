@@ -112,7 +112,7 @@ def test_greedy_answer_equals_generate(tiny, filler, kind):
 @pytest.mark.parametrize("kind,options", [(None, {}), ("topk", {"k": 8}), ("linear", {}), ("window_linear", {})])
 def test_haystack_prefix_shared_changes_no_score(tiny, filler, kind, options):
     """The depths of one (context, trial) share the filler window, so their prompts agree up to the fact; scoring
-    them from a prefix prefilled once (K/V caches; a StateCache prefills each prompt whole) gives each prompt's
+    them from a prefix prefilled once (K/V caches and running states alike) gives each prompt's
     scores from its own whole prefill, and the cache is left as it was (the next depth starts from the prefix)."""
     model, tok = tiny
     prompts = [build_prompt(tok, filler, context=176, depth=d, trial=1, seed=4, distractors=4) for d in (60, 0, 100, 30)]

@@ -3,9 +3,15 @@ constant-size running state per layer must give what full recomputation over K/V
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from transformers import DynamicCache
 
 import attnswap
+from attnswap.kinds import window_linear
+from attnswap.kinds.feature_map import prefix_parts
+from attnswap.kinds.linear import FEATURE_MAPS
+from attnswap.patches import state_cache
 from attnswap.patches.state_cache import StateLayer, WindowStateLayer, cache_argument, new_cache
 from tiny_models import left_padded_batch, num_attention_layers, tiny_model
 
@@ -69,9 +75,39 @@ def test_softmax_layers_keep_kv_beside_the_state(kind):
     assert cache.layers[1].keys.shape[-2] == ids.shape[1] + 5  # the softmax layer kept its K/V
 
 
+@given(steps=st.lists(st.integers(0, 3), min_size=1, max_size=12), start=st.integers(0, 4),
+       chunk=st.integers(1, 5), with_state=st.booleans(), seed=st.integers(0, 2**16))
+@settings(max_examples=40, deadline=None)
+def test_prefix_parts_equal_dense_attention_over_each_querys_prefix(steps, start, chunk, with_state, seed):
+    """Query p sees the state and keys [0, ends[p]), ends nondecreasing: the chunked running-state form must equal
+    the dense sum, whatever the chunk."""
+    g = torch.Generator().manual_seed(seed)
+    ends = torch.tensor(steps).cumsum(0) + start
+    n, m, hkv, groups, d = len(steps), int(ends[-1]) + 2, 2, 3, 4
+    q = torch.randn(1, hkv, groups, n, d, generator=g)
+    k, v = torch.randn(1, hkv, 1, m, d, generator=g), torch.randn(1, hkv, 1, m, 5, generator=g)
+    phi = FEATURE_MAPS["elu"]
+    initial = (torch.rand(1, hkv, 1, d, 5, generator=g), torch.rand(1, hkv, 1, d, generator=g)) if with_state else None
+    num, den = prefix_parts(lambda a, b: phi(q[..., a:b, :]), lambda a, b: phi(k[..., a:b, :]), v, ends,
+                            initial=initial, chunk=chunk)
+    seen = (torch.arange(m)[None, :] < ends[:, None]).float()
+    a = (phi(q) @ phi(k).transpose(-1, -2)) * seen
+    want_num, want_den = a @ v, a.sum(-1)
+    if initial is not None:
+        want_num, want_den = want_num + phi(q) @ initial[0], want_den + (phi(q) * initial[1].unsqueeze(-2)).sum(-1)
+    torch.testing.assert_close(num, want_num, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(den, want_den, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("small_chunks", [False, True], ids=["chunks", "small-chunks"])
 @pytest.mark.parametrize("kind,options", [(k, {}) for k in FEATURE_KINDS] + [("window_linear", WINDOWED)],
                          ids=FEATURE_KINDS + ["window_linear"])
-def test_prefill_in_chunks_equals_one_forward(kind, options):
+def test_prefill_in_chunks_equals_one_forward(kind, options, small_chunks, monkeypatch):
+    """A cache continued by several tokens at once (left padding): with small query chunks, the continuation's
+    linear-time form folds new keys into its running state between chunks."""
+    if small_chunks:
+        monkeypatch.setattr(state_cache, "QUERY_CHUNK", 3)
+        monkeypatch.setattr(window_linear, "CHUNK", 3)
     model = tiny_model("llama")
     ids, mask = left_padded_batch(model.config.vocab_size, seq=20)
     attnswap.swap_attention(model, kind, **options)

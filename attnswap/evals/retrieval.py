@@ -15,10 +15,9 @@ The haystack: every depth of one (context, trial) uses the same filler window (t
 and trial only), so only the fact's place differs between them, as in the usual needle-in-a-haystack design.
 Their prompts then share ``intro | filler[:i]``: the run prefills that prefix once per haystack, growing it depth by
 depth (shallowest first), and each depth prefills only the rest of its prompt from there (``CacheMark`` rewinds
-the cache after each). Each prompt's tokens are still processed exactly once at their positions, so the scores are
-those of prefilling the whole prompt (to float rounding); the grid costs less than one prefill per grid point.
-(K/V caches only: a ``StateCache`` continues a long suffix through its slower quadratic path, so the kinds that
-decode with one prefill each prompt whole, through their linear-time form.)
+the cache after each; a ``StateCache`` continues its running state in linear time, as its first prefill does).
+Each prompt's tokens are still processed exactly once at their positions, so the scores are those of prefilling
+the whole prompt (to float rounding); the grid costs less than one prefill per grid point.
 
 Each prompt's prefill (``use_cache=True``, only the last position's logits) gives:
 
@@ -255,7 +254,7 @@ def score_haystack(model, prompts: Sequence[RetrievalPrompt], tokenizer=None,
                    on_scored: Callable[[RetrievalPrompt, dict], object] | None = None) -> list[dict]:
     """``score_prompt`` for prompts that share their tokens up to the fact (the depths of one haystack), the
     shared prefix prefilled once: shallowest fact first, the cache grows to each fact's start, each prompt is
-    scored from there (on a K/V cache; with a ``StateCache`` each prompt is prefilled whole). Returns the results
+    scored from there. Returns the results
     in the order given; ``on_scored(prompt, result)`` as each is measured (shallowest first). Each result's
     ``prefix_s`` is the time spent growing the prefix up to its fact."""
     device = next(model.parameters()).device
@@ -266,9 +265,6 @@ def score_haystack(model, prompts: Sequence[RetrievalPrompt], tokenizer=None,
             raise AttnSwapError("retrieval: these prompts do not share their text before the fact (a haystack's "
                                 "depths come from build_prompt with the same context, trial and seed)")
     cache, cached = new_cache(model), 0
-    # A running state (StateCache) takes a long continuation through its quadratic path, while its first prefill
-    # runs the kind's fast form: there each prompt is prefilled whole instead.
-    share = not isinstance(cache, StateCache)
     with_cache = {cache_argument(model): cache, "use_cache": True}
     last_only = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
     results: list[dict | None] = [None] * len(prompts)
@@ -276,9 +272,7 @@ def score_haystack(model, prompts: Sequence[RetrievalPrompt], tokenizer=None,
         for i in order:
             prompt = prompts[i]
             start = time.perf_counter()
-            if not share:
-                cache = new_cache(model)
-            elif prompt.fact_start > cached:
+            if prompt.fact_start > cached:
                 grow = torch.tensor([prompt.input_ids[cached:prompt.fact_start]], device=device)
                 model(input_ids=grow, **with_cache, **last_only)
                 cached = prompt.fact_start

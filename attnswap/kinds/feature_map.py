@@ -105,6 +105,43 @@ def linear_time_attention(
     return ungroup_heads(out)
 
 
+def prefix_parts(query_features: Callable[[int, int], torch.Tensor], key_features: Callable[[int, int], torch.Tensor],
+                 values: torch.Tensor, ends, *, initial=None, chunk: int | None = None):
+    """Numerator (b,Hkv,G,n,dv) and denominator (b,Hkv,G,n) of feature-map attention where query p sees a running
+    state ``initial`` = (S (b,Hkv,1,F,dv), z (b,Hkv,1,F)) or None, plus keys ``[0, ends[p])`` of a key sequence,
+    ``ends`` (n,) nondecreasing: a cache's continuation, whose queries see a growing prefix of its new keys.
+    ``query_features(q0, q1)`` gives (b,Hkv,G,q1-q0,F), ``key_features(k0, k1)`` (b,Hkv,1,k1-k0,F) with padding
+    zeroed; values (b,Hkv,1,m,dv). Linear time: per chunk of queries, the keys all of them see join the running
+    state and the few only some see are an exact masked block."""
+    chunk = chunk or CHUNK
+    ends = torch.as_tensor(ends, dtype=torch.int64).cpu()
+    vf = values.float()
+    state, norm = initial if initial is not None else (None, None)
+    folded = 0
+    nums, dens = [], []
+    for q0 in range(0, ends.numel(), chunk):
+        q1 = min(ends.numel(), q0 + chunk)
+        lo, hi = int(ends[q0]), int(ends[q1 - 1])
+        if lo > folded:  # keys [folded, lo): this chunk's queries and every later one see them
+            fk = key_features(folded, lo)
+            ds, dz = torch.matmul(fk.transpose(-1, -2), vf[..., folded:lo, :]), fk.sum(dim=-2)
+            state, norm = (ds, dz) if state is None else (state + ds, norm + dz)
+            folded = lo
+        fq = query_features(q0, q1)
+        if state is not None:
+            num, den = grouped_matmul(fq, state), (fq * norm.unsqueeze(-2)).sum(-1)
+        else:
+            num, den = fq.new_zeros((*fq.shape[:-1], vf.shape[-1])), fq.new_zeros(fq.shape[:-1])
+        if hi > lo:  # keys [lo, hi): seen by the queries whose end is past them
+            seen = (torch.arange(lo, hi)[None, :] < ends[q0:q1, None]).to(fq.device)
+            a = grouped_matmul(fq, key_features(lo, hi).transpose(-1, -2)) * seen
+            num = num + grouped_matmul(a, vf[..., lo:hi, :])
+            den = den + a.sum(-1)
+        nums.append(num)
+        dens.append(den)
+    return torch.cat(nums, dim=-2), torch.cat(dens, dim=-1)
+
+
 FORMS = ("auto", "quadratic", "linear_time")
 
 

@@ -27,7 +27,7 @@ import torch
 from .. import registry
 from ..errors import AttnSwapError
 from .chunked import group_heads, grouped_matmul, scored_attention, ungroup_heads
-from .feature_map import CHUNK, FORMS, linear_time_attention, use_linear_time
+from .feature_map import CHUNK, FORMS, linear_time_attention, prefix_parts, use_linear_time
 from .linear import FEATURE_MAPS
 from .visibility import Visibility
 
@@ -119,6 +119,11 @@ def _exact_part(qg, kg, vg, counts, *, window, sink_tokens, scaling, softcap, si
     return torch.cat(nums, dim=3), torch.cat(dens, dim=3)
 
 
+def _features(x, phi, projection):
+    """phi of (projected) queries or keys, fp32."""
+    return phi(x.float() if projection is None else projection.apply(x))
+
+
 def cached_step(query, rows, real, state, norm, *, causal, window, sink_tokens, phi, eps, scaling, softcap, sinks,
                 projection):
     """Output (b,Hq,q,dv) fp32 of new queries against a bounded cache (``attnswap.StateCache``).
@@ -139,17 +144,13 @@ def cached_step(query, rows, real, state, norm, *, causal, window, sink_tokens, 
         qg, kg, vg = group_heads(query[r:r + 1], k, v)
         num, den = _exact_part(qg, kg, vg, counts, window=window, sink_tokens=sink_tokens, scaling=scaling,
                                softcap=softcap, sink_logit=sink_logit, chunk=CHUNK)
-        fq = phi(qg.float() if projection is None else projection.apply(qg))  # (1,Hkv,G,q,F)
-        fk = phi(kg.float() if projection is None else projection.apply(kg))  # (1,Hkv,1,L,F)
-        j = torch.arange(k.shape[2], device=k.device)
-        older = (j[None, :] >= sink_tokens) & (j[None, :] < counts.to(k.device)[:, None] - window)  # (q, L)
-        a = grouped_matmul(fq, fk.transpose(-1, -2)) * older
-        num = num + grouped_matmul(a, vg.float())
-        den = den + a.sum(-1)
-        if state is not None:
-            num = num + grouped_matmul(fq, state[r:r + 1, :, None])
-            den = den + (fq * norm[r:r + 1, :, None, None, :]).sum(-1)
-        den = den + eps
+        # the linear part: the folded state, then the kept and new keys before each query's window (not sinks)
+        older = (counts - window - sink_tokens).clamp(min=0)  # query p: keys [sink_tokens, sink_tokens + older[p])
+        initial = None if state is None else (state[r:r + 1, :, None], norm[r:r + 1, :, None])
+        nl, dl = prefix_parts(lambda q0, q1: _features(qg[..., q0:q1, :], phi, projection),
+                              lambda k0, k1: _features(kg[..., sink_tokens + k0:sink_tokens + k1, :], phi, projection),
+                              vg[..., sink_tokens:, :], older, initial=initial, chunk=CHUNK)
+        num, den = num + nl, den + dl + eps
         outs.append(ungroup_heads(num / torch.where(den == 0, torch.ones_like(den), den).unsqueeze(-1)))
     return torch.cat(outs, dim=0)
 

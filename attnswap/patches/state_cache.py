@@ -26,6 +26,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache, Dynam
 from ..dispatch import prepare_qk, project
 from ..errors import AttnSwapError
 from ..kinds.chunked import grouped_matmul
+from ..kinds.feature_map import prefix_parts
 from ..registry import FEATURE_PROJ
 from .masks import model_visibility
 
@@ -412,35 +413,62 @@ def _fused_step(layer, phi, eps, sink_weight, sinks, query, key, value, real):
 
 
 def _with_state(layer, phi, eps, sink_weight, sinks, query, key, value, new_mask, is_causal, groups):
+    """New queries against the running state plus the new keys their mask shows them: in linear time when that
+    mask is causal (or full) key padding, exactly by blocks of queries for any other mask."""
     b, hq, q, d = query.shape
     hkv, dv = key.shape[1], value.shape[-1]
     qg = query.float().reshape(b, hkv, groups, q, d)
-    fk = phi(key.float())  # (b, Hkv, q, F): q is small here (decode steps, chunked prefill)
+    initial = None if layer.state is None else (layer.state[:, :, None], layer.norm[:, :, None])
+    padding = _key_padding(new_mask, is_causal, q)
+    if padding is not False:
+        def key_features(k0, k1):
+            fk = phi(key[:, :, None, k0:k1].float())
+            return fk if padding is None else fk * padding[:, None, None, k0:k1, None].to(fk.dtype)
+
+        ends = torch.arange(1, q + 1) if is_causal else torch.full((q,), q)
+        num, den = prefix_parts(lambda q0, q1: phi(qg[..., q0:q1, :]), key_features, value[:, :, None], ends,
+                                initial=initial, chunk=QUERY_CHUNK)
+    else:
+        num, den = _masked_parts(phi, qg, key, value, new_mask, initial, groups)
+    if sink_weight is not None and sinks is not None:
+        den = den + sink_weight(sinks.float()).reshape(1, hkv, groups, 1)
+    den = den + eps
+    out = num / torch.where(den == 0, torch.ones_like(den), den).unsqueeze(-1)
+    return out.reshape(b, hq, q, dv)
+
+
+def _key_padding(new_mask, is_causal: bool, q: int):
+    """The new keys' mask as key padding: None (no mask), a (b, q) bool of the keys that are real, or False when the
+    mask is something else (per-head, or hiding keys from some queries but not others)."""
+    if new_mask is None:
+        return None
+    if new_mask.shape[1] != 1:
+        return False
+    real = new_mask[:, 0].any(dim=-2)  # (b, q): keys some query sees
+    expected = real[:, None, :].expand(-1, q, -1)
+    if is_causal:
+        expected = expected & torch.ones(q, q, dtype=torch.bool, device=new_mask.device).tril()
+    return real if bool((new_mask[:, 0] == expected).all()) else False
+
+
+def _masked_parts(phi, qg, key, value, new_mask, initial, groups):
+    """Numerator and denominator under an arbitrary bool mask over the new keys, by blocks of queries."""
+    b, hkv, _, q, _ = qg.shape
+    fk = phi(key.float())  # (b, Hkv, q, F)
     vf = value.float()
-    if new_mask is None and is_causal and q > 1:
-        pos = torch.arange(q, device=query.device)
-        new_mask = (pos[None, :] <= pos[:, None])[None, None]
-    grouped = None
-    if new_mask is not None:
-        mb, mh = new_mask.shape[:2]
-        grouped = new_mask[:, :, None] if mh == 1 else new_mask.reshape(mb, hkv, groups, *new_mask.shape[2:])
-    outs = []
+    mb, mh = new_mask.shape[:2]
+    grouped = new_mask[:, :, None] if mh == 1 else new_mask.reshape(mb, hkv, groups, *new_mask.shape[2:])
+    nums, dens = [], []
     for q0 in range(0, q, QUERY_CHUNK):
         q1 = min(q, q0 + QUERY_CHUNK)
         fq = phi(qg[..., q0:q1, :])  # (b, Hkv, G, c, F)
-        num = grouped_matmul(fq, layer.state[:, :, None]) if layer.state is not None else 0.0
-        den = (fq * layer.norm[:, :, None, None, :]).sum(-1) if layer.state is not None else 0.0
+        num = grouped_matmul(fq, initial[0]) if initial is not None else 0.0
+        den = (fq * initial[1].unsqueeze(-2)).sum(-1) if initial is not None else 0.0
         a = grouped_matmul(fq, fk[:, :, None].transpose(-1, -2))  # (b, Hkv, G, c, q)
-        if grouped is not None:
-            a = a * grouped[..., q0:q1, :] if grouped.shape[-2] > 1 else a * grouped
-        num = num + grouped_matmul(a, vf[:, :, None])
-        den = den + a.sum(-1)
-        if sink_weight is not None and sinks is not None:
-            den = den + sink_weight(sinks.float()).reshape(1, hkv, groups, 1)
-        den = den + eps
-        outs.append(num / torch.where(den == 0, torch.ones_like(den), den).unsqueeze(-1))
-    out = torch.cat(outs, dim=3) if len(outs) > 1 else outs[0]
-    return out.reshape(b, hq, q, dv)
+        a = a * grouped[..., q0:q1, :] if grouped.shape[-2] > 1 else a * grouped
+        nums.append(num + grouped_matmul(a, vf[:, :, None]))
+        dens.append(den + a.sum(-1))
+    return torch.cat(nums, dim=3), torch.cat(dens, dim=3)
 
 
 @torch.no_grad()

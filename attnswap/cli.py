@@ -327,7 +327,7 @@ def _add_adapt_args(p, *, example: str, windows: int) -> None:
     p.add_argument("--out", required=True, help="folder to save the swap in (attnswap_swap.json)")
     p.add_argument("--model", default=None, help=MODEL_HELP)
     p.add_argument("--tokenizer", default=None, help="a folder with the tokenizer, when --model has none")
-    p.add_argument("--layers", default=None, help="swap only these layers, e.g. 4-29 (default: all)")
+    p.add_argument("--layers", default=None, help="swap only these layers, e.g. 4-29, or a layer type of the config, e.g. full_attention (default: all)")
     p.add_argument("--text-file", default=None, help="the text to fit on (default: the end of the offline corpus)")
     p.add_argument("--dataset", default=None, help="the text to fit on, from a datasets name")
     p.add_argument("--window", type=int, default=512, help="tokens per sequence")
@@ -371,7 +371,7 @@ def _add_eval_args(p, *, demo: bool = False) -> None:
     p.add_argument("--attn", default=DEMO_ATTN if demo else DEFAULT_ATTN,
                    help="kinds to compare, e.g. softmax,topk:k=64,entmax:alpha=1.5; kind:...:calibrated and "
                         "kind:...:transferred (linear, taylor, window_linear) fit first, saved:DIR loads a saved swap")
-    p.add_argument("--layers", default=None, help="swap only these layers: inclusive ranges and indices, e.g. 4-29 or 0,2,5 (default: all)")
+    p.add_argument("--layers", default=None, help="swap only these layers: inclusive ranges and indices, e.g. 4-29 or 0,2,5, or a layer type of the config, e.g. full_attention (default: all)")
     p.add_argument("--out", default="attnswap-results", help="folder for results.json/.jsonl/.md and plots")
     p.add_argument("--text-file", "--eval-text", dest="text_file", default=None,
                    help="evaluate on this text file (default: the offline corpus)")

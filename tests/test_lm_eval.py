@@ -93,6 +93,7 @@ def test_parse_layers():
     assert lem.parse_layers("0-1;4-5") == [0, 1, 4, 5]
     assert lem.parse_layers(2) == [2] and lem.parse_layers([1, 3]) == [1, 3]
     assert lem.parse_layers("0,3") == [0, 3]  # the command line's --layers form is accepted too
+    assert lem.parse_layers("full_attention") == "full_attention"  # a layer type, checked when swapping
     for bad in ("a-b", "3-1", "0..3"):
         with pytest.raises(AttnSwapError, match="layers"):
             lem.parse_layers(bad)

@@ -260,6 +260,23 @@ def test_layers_subset(family, batch):
     assert torch.equal(logits(model, batch), base.logits)
 
 
+def test_layers_by_the_configs_layer_type(batch):
+    """layers="full_attention" swaps exactly the layers the config's layer_types calls so (gemma2: sliding, full,
+    sliding), the same as their indices; a type the model lacks is a clear error naming the types it has."""
+    model = tiny_model("gemma2", "eager")
+    assert model.config.layer_types == ["sliding_attention", "full_attention", "sliding_attention"]
+    with attnswap.swapped(model, "entmax", layers="full_attention", alpha=1.5) as handle:
+        by_type = logits(model, batch)
+        assert handle.layers == [1]
+    with attnswap.swapped(model, "entmax", layers=[1], alpha=1.5):
+        by_index = logits(model, batch)
+    assert torch.equal(by_type, by_index)
+    with attnswap.swapped(model, "entmax", layers="sliding_attention", alpha=1.5) as handle:
+        assert handle.layers == [0, 2]
+    with pytest.raises(attnswap.AttnSwapError, match="full_attention, sliding_attention"):
+        attnswap.swap_attention(model, "entmax", layers="global", alpha=1.5)
+
+
 def _names_range(msg: str, n: int) -> bool:
     hi, top = n - 1, n
     pats = [

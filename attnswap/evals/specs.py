@@ -16,7 +16,7 @@ class AttnSpec:
 
     kind: str | None
     options: dict = field(default_factory=dict)
-    layers: list[int] | None = None
+    layers: list[int] | str | None = None
     calibrated: bool = False  # fit per-head score scales first (attnswap.calibrate) on ``calibration_ids``
     transferred: bool = False  # learn query/key maps first (attnswap.transfer) on ``calibration_ids``
     end_to_end: bool = False  # calibrated: then train the scales through the whole model
@@ -48,7 +48,7 @@ def _number(text: str):
     return text
 
 
-def parse_attn(spec: str, layers: list[int] | None = None) -> list[AttnSpec]:
+def parse_attn(spec: str, layers: list[int] | str | None = None) -> list[AttnSpec]:
     """``"softmax,topk:k=64,entmax:alpha=1.5"`` -> specs, each validated against the kind's options.
 
     ``kind:...:calibrated`` fits per-head score scales first (``attnswap.calibrate``; ``:calibrated:end_to_end``
@@ -93,9 +93,9 @@ def parse_attn(spec: str, layers: list[int] | None = None) -> list[AttnSpec]:
     return out
 
 
-def parse_layers(spec: Any) -> list[int] | None:
+def parse_layers(spec: Any) -> list[int] | str | None:
     """``"4-29"``, ``"0;5;7"``, ``"0-3,8"`` (inclusive ranges; ``;`` survives lm-eval's comma-separated model_args),
-    an int or a list -> layer indices (None: all)."""
+    an int or a list -> layer indices (None: all); a name (``full_attention``) is a layer type, kept as is."""
     if spec is None:
         return None
     if isinstance(spec, bool):
@@ -110,6 +110,8 @@ def parse_layers(spec: Any) -> list[int] | None:
         raise AttnSwapError(f"layers must be indices and ranges like 0-3;7, got {spec!r}")
     if spec.strip().lower() in ("", "all", "none"):
         return None
+    if re.fullmatch(r"[A-Za-z_]+", spec.strip()):  # a layer type of the config (checked when swapping)
+        return spec.strip()
     out: list[int] = []
     for part in re.split(r"[;,\s]+", spec.strip()):
         m = _LAYER_ITEM.match(part)

@@ -73,9 +73,25 @@ def find_attention(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module, s
     return found
 
 
-def _select_layers(layers, count: int) -> list[int]:
+def _layer_types(model) -> list | None:
+    """The config's ``layer_types`` (e.g. ``sliding_attention`` / ``full_attention``), from the text config."""
+    config = getattr(model, "config", None)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return getattr(text, "layer_types", None)
+
+
+def _select_layers(layers, count: int, layer_types=None) -> list[int]:
     if layers is None:
         return list(range(count))
+    if isinstance(layers, str):  # a layer type named by the config, e.g. "full_attention"
+        if not layer_types or len(layer_types) != count:
+            raise AttnSwapError(f"layers={layers!r} names a layer type, but this model's config gives no layer_types "
+                                f"for its {count} attention layers; pass layer indices")
+        chosen = [i for i, name in enumerate(layer_types) if name == layers]
+        if not chosen:
+            raise AttnSwapError(f"no attention layer has type {layers!r}; this model's layer types: "
+                                f"{', '.join(sorted(set(layer_types)))} (or pass layer indices)")
+        return chosen
     if isinstance(layers, numbers.Integral) and not isinstance(layers, bool):
         layers = [layers]
     try:
@@ -170,8 +186,9 @@ def swap_attention(model: torch.nn.Module, kind: str, *, layers=None, impl: str 
                    **options) -> SwapHandle:
     """Swap the attention of ``model`` (in place) for ``kind`` with ``options``; returns a handle that undoes it.
 
-    ``layers``: indices of the attention layers to swap (model order); the rest keep the model's own attention.
-    ``layer_options``: {layer: {option: value}} for layers that differ from ``options`` (e.g. a per-head
+    ``layers``: indices of the attention layers to swap (model order), or a layer type the config's
+    ``layer_types`` names (``"full_attention"``: only Gemma's / Mistral's global layers); the rest keep the model's
+    own attention. ``layer_options``: {layer: {option: value}} for layers that differ from ``options`` (e.g. a per-head
     ``score_scale``). Swapping a swapped model replaces the earlier swap. (The public ``attnswap.swap_attention``
     adds ``calibrate=``, which lives above this layer, in ``attnswap.adapt``.)
     """
@@ -179,7 +196,7 @@ def swap_attention(model: torch.nn.Module, kind: str, *, layers=None, impl: str 
     if impl not in IMPLS:
         raise AttnSwapError(f"impl must be one of {list(IMPLS)}, got {impl!r}")
     targets = find_attention(model)
-    chosen = _select_layers(layers, len(targets))
+    chosen = _select_layers(layers, len(targets), _layer_types(model))
     per_layer = {}
     for index, extra in (layer_options or {}).items():
         if index not in chosen:

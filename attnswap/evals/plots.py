@@ -260,11 +260,13 @@ def focus_plot(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike, *,
             drawn = True
         if drawn:
             _context_axis(ax)
+            if metric == "effective_tokens":  # 7 for top-k beside thousands for linear: both readable
+                ax.set_yscale("log")
             ax.grid(True, which="both", alpha=0.3)
         else:
             _no_data(ax)
         ax.set_xlabel("context length N (tokens, log scale)")
-        ax.set_ylabel(_FOCUS_LABELS.get(metric, metric))
+        ax.set_ylabel(_FOCUS_LABELS.get(metric, metric) + (" (log scale)" if metric == "effective_tokens" else ""))
         ax.set_title(_FOCUS_LABELS.get(metric, metric))
     for ax in list(axes.flat)[len(metrics):]:
         ax.set_axis_off()

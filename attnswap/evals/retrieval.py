@@ -254,9 +254,8 @@ def score_haystack(model, prompts: Sequence[RetrievalPrompt], tokenizer=None,
                    on_scored: Callable[[RetrievalPrompt, dict], object] | None = None) -> list[dict]:
     """``score_prompt`` for prompts that share their tokens up to the fact (the depths of one haystack), the
     shared prefix prefilled once: shallowest fact first, the cache grows to each fact's start, each prompt is
-    scored from there. Returns the results
-    in the order given; ``on_scored(prompt, result)`` as each is measured (shallowest first). Each result's
-    ``prefix_s`` is the time spent growing the prefix up to its fact."""
+    scored from there. Returns the results in the order given; ``on_scored(prompt, result)`` as each is measured
+    (shallowest first). Each result's ``prefix_s`` is the time spent growing the prefix up to its fact."""
     device = next(model.parameters()).device
     order = sorted(range(len(prompts)), key=lambda i: prompts[i].fact_start)
     for a, b in zip(order, order[1:]):

@@ -7,7 +7,8 @@ import json
 import os
 import sys
 
-from .adapt.finetune import DEFAULT_LR as FINETUNE_LR, DEFAULT_OBJECTIVE, DEFAULT_RANK as LORA_RANK, OBJECTIVES
+from .adapt.finetune import (DEFAULT_HOLDOUT as FINETUNE_HOLDOUT, DEFAULT_LR as FINETUNE_LR, DEFAULT_OBJECTIVE,
+                             DEFAULT_RANK as LORA_RANK, OBJECTIVES)
 from .adapt.transfer import DEFAULT_LR, DEFAULT_STEPS
 
 DEFAULT_ATTN = "softmax,topk:k=64,entmax:alpha=1.5,sparsemax,linear,taylor"
@@ -313,10 +314,17 @@ def cmd_adapt(args) -> int:
         own = args.text_file or args.dataset
         tuned = finetune(model, runner.tokenize(tokenizer, text if own else finetune_text()), window=args.window,
                          steps=args.finetune_steps, lr=args.finetune_lr, rank=args.lora_rank,
-                         objective=args.finetune_objective, progress=True).finetune
+                         objective=args.finetune_objective, holdout=args.finetune_holdout, progress=True).finetune
         print(f"LoRA fine-tuning ({tuned['objective']}): {tuned['steps']} steps of {tuned['window']} tokens "
               f"({tuned['tokens']} tokens, {tuned['windows']} windows, {tuned['trainable_parameters']} parameters) "
-              f"in {tuned['seconds']:.1f} s: loss {tuned['loss_first']:.3f} -> {tuned['loss_last']:.3f}")
+              f"in {tuned['seconds']:.1f} s: loss {tuned['loss_first']:.3f} -> {tuned['loss_last']:.3f}; lr "
+              f"{tuned['lr']:g} ({tuned['lr_rule']})")
+        if "held_out" in tuned:
+            held = tuned["held_out"]
+            checks = ", ".join(f"{step}: {loss:.4f}" for step, loss in held["checks"])
+            kept = (f"kept the adapters of step {held['kept_step']}" if tuned["kept"] else
+                    "no step beat the swap before fine-tuning: the adapters are dropped")
+            print(f"held-back check on {held['tokens']} tokens (loss by step {checks}): {kept}")
     print(f"wrote {save_swap(model, args.out)}")
     print(f"evaluate it with: attnswap eval ppl --attn {args.attn},saved:{args.out}")
     return 0
@@ -337,10 +345,15 @@ def _add_adapt_args(p, *, example: str, windows: int) -> None:
     p.add_argument("--finetune-steps", type=int, default=0,
                    help="then train LoRA adapters for this many steps of one window (default 0: none; text: "
                         "yours, else the offline fine-tuning text, disjoint from the evaluation text)")
-    p.add_argument("--finetune-lr", type=float, default=FINETUNE_LR)
+    p.add_argument("--finetune-lr", type=float, default=FINETUNE_LR,
+                   help="LoRA learning rate (default: 5e-4 when the swap starts close to the model, a distillation "
+                        "loss below 1 nat/token, else 2e-3)")
     p.add_argument("--finetune-objective", choices=OBJECTIVES, default=DEFAULT_OBJECTIVE,
                    help="distill: from the model's own next-token distribution (default); next_token: the text's")
     p.add_argument("--lora-rank", type=int, default=LORA_RANK)
+    p.add_argument("--finetune-holdout", type=int, default=FINETUNE_HOLDOUT,
+                   help="windows held back to check the fine-tuning on; the best point is kept, no adapters if none "
+                        "helps (0: no check)")
     p.set_defaults(fn=cmd_adapt, example=example)
 
 

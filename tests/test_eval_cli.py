@@ -155,7 +155,9 @@ def test_calibrate_and_transfer_commands_then_side_by_side_rows(tiny_dir, tmp_pa
     assert "score scales" in printed and "wrote" in printed and "5 steps per layer" in printed
     assert "LoRA fine-tuning (distill): 3 steps of 64 tokens" in printed
     record = json.loads((tmp_path / "tr" / "attnswap_swap.json").read_text())
-    assert record["lora"]["rank"] == 2 and record["finetune"]["objective"] == "distill"
+    assert record["finetune"]["objective"] == "distill" and "held-back check on 256 tokens" in printed
+    assert ("lora" in record) == record["finetune"]["kept"]  # no adapters when no step beat the transfer alone
+    assert record.get("lora", {"rank": 2})["rank"] == 2
     out = tmp_path / "res"
     code = main(["eval", "ppl", "--model", tiny_dir, "--attn",
                  f"entmax:alpha=1.5,saved:{cal},entmax:alpha=1.5:calibrated,linear,saved:{tr}", "--out", str(out),

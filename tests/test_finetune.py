@@ -117,6 +117,10 @@ def test_finetune_bad_input():
         attnswap.finetune(model, data, window=32, steps=2, distill_top=1)
     with pytest.raises(attnswap.AttnSwapError, match="do not fit this model"):
         attnswap.finetune(model, data, window=32, steps=2, targets=["no_such_layer"])
+    with pytest.raises(attnswap.AttnSwapError, match="needs at least 13 windows of 32 tokens, the text has 12"):
+        attnswap.finetune(model, data, window=32, steps=2, holdout=12)
+    with pytest.raises(attnswap.AttnSwapError, match="holdout is a number of windows"):
+        attnswap.finetune(model, data, window=32, steps=2, holdout=0.5)
     assert lora_names(model) == [] and all(p.requires_grad for p in model.parameters())
     attnswap.finetune(model, data, window=32, steps=1)
     with pytest.raises(attnswap.AttnSwapError, match="already has LoRA adapters"):
@@ -180,7 +184,7 @@ def test_distillation_brings_the_swap_towards_the_models_own_distribution():
     handle = attnswap.finetune(model, train, window=32, steps=30, lr=1e-2, rank=4, distill_top=16)
     assert current_swap(model) is handle and handle.active  # back after the teacher pass
     report = handle.finetune
-    assert report["objective"] == "distill" and report["distill_top"] == 16 and report["windows_used"] == 20
+    assert report["objective"] == "distill" and report["distill_top"] == 16 and report["windows_used"] == 16
     assert report["loss_last"] < 0.5 * report["loss_first"]
     tuned = logits(model, held_out[None])
     assert kl_to_own(own, tuned) < 0.5 * kl_to_own(own, raw)  # on text it did not see
@@ -221,3 +225,81 @@ def test_finetune_trains_the_transferred_feature_maps_too(tmp_path, feature_maps
     fresh = tiny_model("llama")
     attnswap.load_swap(fresh, tmp_path)
     assert torch.equal(logits(fresh, ids, mask), tuned)  # the trained maps are saved with the adapters
+
+
+@pytest.mark.parametrize("lr,kept_step", [(0.05, "last"), (0.15, "between"), (0.5, "none")])
+def test_held_back_check_keeps_the_best_point_or_no_adapters(tmp_path, lr, kept_step):
+    """The windows held back are scored before training and at 8 points during it; the adapters and feature maps
+    of the lowest point stay, and none at all when fine-tuning never beat the swap as it was (a learning rate too
+    high: the held-back loss rises, then falls again, not always below where it started)."""
+    from attnswap.adapt.finetune import distill_loss, teacher_targets
+    from attnswap.registry import FEATURE_PROJ
+
+    model = tiny_model("llama")
+    ids, mask = left_padded_batch(model.config.vocab_size)
+    data = patterned_tokens(model.config.vocab_size, 640)  # 20 windows of 32: the last 4 held back
+    handle = attnswap.transfer(model, "linear", data, window=32, max_windows=2, steps=3)
+    maps = {i: o[FEATURE_PROJ].weight.clone() for i, o in handle.layer_options.items()}
+    swapped = logits(model, ids, mask)
+    attnswap.finetune(model, data, window=32, steps=16, lr=lr, rank=4, distill_top=16)
+    report = handle.finetune
+    held = report["held_out"]
+    steps, losses = zip(*held["checks"])
+    assert steps == (0, 2, 4, 6, 8, 10, 12, 14, 16) and held["windows"] == 4 and report["windows"] == 16
+    best = min(range(len(losses)), key=losses.__getitem__)
+    assert held["kept_step"] == steps[best] and held["loss_kept"] == min(losses)
+    expected = {"last": 16, "none": 0}.get(kept_step)
+    assert held["kept_step"] == expected if expected is not None else 0 < held["kept_step"] < 16
+    assert report["kept"] == (kept_step != "none")
+    # the model as left scores the kept point's loss on the held-back windows
+    windows = data.reshape(20, 32)[16:]
+    targets = teacher_targets(model, handle, windows, top=16)
+    with torch.no_grad():
+        now = sum(distill_loss(model(input_ids=w[None]).logits, t).item() for w, t in zip(windows, targets)) / 4
+    assert now == pytest.approx(held["loss_kept"], rel=1e-4)
+    trained = {i: o[FEATURE_PROJ].weight for i, o in handle.layer_options.items()}
+    assert all(not o[FEATURE_PROJ].weight.requires_grad for o in handle.layer_options.values())
+    if kept_step == "none":
+        assert handle.adapters is None and lora_names(model) == []
+        assert all(p.requires_grad for p in model.parameters())
+        assert all(torch.equal(trained[i], maps[i]) for i in maps)
+        assert torch.equal(logits(model, ids, mask), swapped)  # exactly the swap before fine-tuning
+        attnswap.save_swap(model, tmp_path)
+        record = json.loads((tmp_path / "attnswap_swap.json").read_text())
+        assert "lora" not in record and record["finetune"]["kept"] is False
+        assert not (tmp_path / "attnswap_lora.safetensors").exists()
+        assert attnswap.load_swap(tiny_model("llama"), tmp_path).finetune == report
+    else:
+        assert handle.adapters is not None and lora_names(model)
+        assert not all(torch.equal(trained[i], maps[i]) for i in maps)
+
+
+def test_finetune_without_a_held_back_check_trains_on_every_window():
+    model = tiny_model("llama")
+    attnswap.swap_attention(model, "linear")
+    report = attnswap.finetune(model, patterned_tokens(model.config.vocab_size, 640), window=32, steps=4, lr=1e-2,
+                               rank=2, holdout=0).finetune
+    assert report["windows"] == 20 and "held_out" not in report and report["kept"] is True
+
+
+def test_learning_rate_by_how_far_the_swap_starts(monkeypatch):
+    """Without lr: 5e-4 when the distillation loss before training (held-back windows, else the first training
+    window) is below 1 nat/token, 2e-3 above; the next-token objective 2e-3; a given lr as it is."""
+    from attnswap.adapt import finetune as ft
+
+    def report(threshold=ft.NEAR_LOSS, **kw):
+        monkeypatch.setattr(ft, "NEAR_LOSS", threshold)
+        model = tiny_model("llama")
+        attnswap.swap_attention(model, "linear")
+        return attnswap.finetune(model, patterned_tokens(model.config.vocab_size, 640), window=32, steps=1, rank=2,
+                                 **kw).finetune
+
+    near = report()
+    start = near["held_out"]["loss_before"]
+    assert 0 < start < 1.0 and near["lr"] == ft.NEAR_LR == 5e-4 and "held-back" in near["lr_rule"]
+    far = report(threshold=start / 2)
+    assert far["lr"] == ft.FAR_LR == 2e-3 and "far from" in far["lr_rule"]
+    assert report(holdout=0)["lr_rule"].startswith("first window's distillation loss")
+    assert report(objective="next_token")["lr"] == ft.FAR_LR
+    given = report(lr=1e-3)
+    assert given["lr"] == 1e-3 and given["lr_rule"] == "given"

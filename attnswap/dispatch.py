@@ -43,8 +43,9 @@ def run(kind: Kind, options: dict, query, key, value, vis: Visibility, *, scalin
         warn_once((kind.name, "sinks"), f"kind {kind.name!r} has no scores: the model's attention sinks do not apply")
     if kind.uses_scores and sinks is not None and sinks.shape != (query.shape[1],):
         raise AttnSwapError(f"sinks must have shape (Hq,) = ({query.shape[1]},), got {tuple(sinks.shape)}")
-    if registry.SCORE_SCALE in options or registry.FEATURE_PROJ in options:  # learned/fitted, on every path
-        query, key, options = prepare_qk(options, query, key, keep_projection=kind.applies_feature_proj)
+    if any(name in options for name in INPUT_OPTIONS):  # learned/fitted, on every path
+        query, key, options = prepare_qk(options, query, key, keep_projection=kind.applies_feature_proj,
+                                         counts=lambda: vis.key_counts(query.device))
     tap = current_tap()
     if tap is not None:
         tap(module, query, key, value, vis, scaling=scaling, softcap=softcap, sinks=sinks)
@@ -119,10 +120,14 @@ def prefer_sdpa(*, device_type: str, dtype, pairs: int, head_dim: int, masked: b
     return flash and (impl == "torch" or pairs < CUDA_SDPA_MAX_PAIRS)
 
 
-def prepare_qk(options: dict, query: torch.Tensor, key: torch.Tensor, keep_projection: bool = False):
+INPUT_OPTIONS = (registry.SCORE_SCALE, registry.LENGTH_EXPONENT, registry.FEATURE_PROJ)
+
+
+def prepare_qk(options: dict, query: torch.Tensor, key: torch.Tensor, keep_projection: bool = False, counts=None):
     """Apply the options that act on the inputs rather than on the kind: a learned ``feature_proj`` on queries and
-    keys (unless the kind applies it itself: ``keep_projection``), then a ``score_scale`` on the queries. Returns
-    (query, key, the remaining options)."""
+    keys (unless the kind applies it itself: ``keep_projection``), then a ``score_scale`` (and its
+    ``length_exponent``) on the queries. ``counts``: a function giving the number of keys each query sees, as
+    ``Visibility.key_counts`` does (needed only with a length exponent). Returns (query, key, the remaining options)."""
     options = dict(options)
     projection = None if keep_projection else options.pop(registry.FEATURE_PROJ, None)
     if projection is not None:
@@ -130,6 +135,11 @@ def prepare_qk(options: dict, query: torch.Tensor, key: torch.Tensor, keep_proje
     scale = options.pop(registry.SCORE_SCALE, None)
     if scale is not None:
         query = scale_queries(query, scale)
+    exponent = options.pop(registry.LENGTH_EXPONENT, None)
+    if exponent is not None:
+        if counts is None:
+            raise AttnSwapError("a length_exponent needs the number of keys each query sees, and this path has none")
+        query = grow_with_length(query, exponent, counts(), key.shape[1])
     return query, key, options
 
 
@@ -157,6 +167,27 @@ def scale_queries(query: torch.Tensor, scale) -> torch.Tensor:
     else:
         factor = float(scale)
     return (query.float() * factor).to(query.dtype)
+
+
+def grow_with_length(query: torch.Tensor, exponent, counts: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    """query (b, Hq, n, d) times ``(counts / LENGTH_REF) ** exponent``: ``exponent`` one number, one per query head,
+    or a ``LearnedExponent``; ``counts`` (b|1, Hkv|1, G|1, n), the keys each query sees (computed in fp32;
+    differentiable in a learned exponent)."""
+    b, hq, n, d = query.shape
+    if isinstance(exponent, (tuple, registry.LearnedExponent)):  # one per query head
+        power = (exponent.tensor(query.device) if isinstance(exponent, registry.LearnedExponent)
+                 else torch.tensor(exponent, dtype=torch.float32, device=query.device))
+        if power.numel() != hq:
+            raise AttnSwapError(f"length_exponent has {power.numel()} values but the attention has {hq} query heads; "
+                                "give one number or one per query head")
+        power = power.view(1, kv_heads, hq // kv_heads, 1)
+    elif exponent == 0.0:
+        return query
+    else:
+        power = float(exponent)
+    factor = torch.exp(power * torch.log(counts.to(query.device, torch.float32) / registry.LENGTH_REF))
+    grouped = query.float().reshape(b, kv_heads, hq // kv_heads, n, d) * factor[..., None]
+    return grouped.reshape(b, hq, n, d).to(query.dtype)
 
 
 def _kernel_supports(kind: Kind, query, key, value, vis, kw) -> tuple[bool, str]:

@@ -93,16 +93,20 @@ class Kind:
         """Validate user options; return the full option dict (defaults filled in, alias pins applied).
 
         Score-based kinds also take ``score_scale``: one number, or one per query head, multiplying the scores
-        before the kind's map (a temperature; what ``attnswap.calibrate`` fits)."""
+        before the kind's map (a temperature; what ``attnswap.calibrate`` fits), and ``length_exponent``: one
+        number, or one per query head, ``e``, by which that scale grows with the number ``n`` of keys a query sees,
+        ``score_scale * (n / LENGTH_REF) ** e`` (what ``calibrate(..., end_to_end=True)`` trains)."""
         # an alias's pinned value (sparsemax: alpha=2) may come back in resolved options: accept it as it is
         options = {k: v for k, v in options.items() if not (k in self.fixed and v == self.fixed[k])}
         scale = options.pop(SCORE_SCALE, None)
+        exponent = options.pop(LENGTH_EXPONENT, None)
         projection = options.pop(FEATURE_PROJ, None)
         if projection is not None and not isinstance(projection, FeatureProjection):
             raise AttnSwapError(f"option {FEATURE_PROJ!r} must be an attnswap.registry.FeatureProjection (what "
                                 f"attnswap.transfer learns), got {type(projection).__name__}")
-        if scale is not None and not self.uses_scores:
-            raise AttnSwapError(f"option {SCORE_SCALE!r} needs scores, and attention kind {self.name!r} has none")
+        for name, value in ((SCORE_SCALE, scale), (LENGTH_EXPONENT, exponent)):
+            if value is not None and not self.uses_scores:
+                raise AttnSwapError(f"option {name!r} needs scores, and attention kind {self.name!r} has none")
         schema = {o.name: o for o in self.options if o.name not in self.fixed}
         unknown = sorted(set(options) - set(schema))
         if unknown:
@@ -115,6 +119,8 @@ class Kind:
         resolved.update(self.fixed)
         if scale is not None:
             resolved[SCORE_SCALE] = validate_score_scale(self.name, scale)
+        if exponent is not None:
+            resolved[LENGTH_EXPONENT] = validate_length_exponent(self.name, exponent)
         if projection is not None:
             resolved[FEATURE_PROJ] = projection
         return resolved
@@ -167,12 +173,28 @@ class LearnedScale:
         return f"LearnedScale({self.log_scale.numel()} heads)"
 
 
-def validate_score_scale(kind: str, value):
-    """A positive number, or a sequence/1D tensor of positive numbers (one per query head) -> float or tuple; a
-    ``LearnedScale`` as it is."""
-    where = f"option {SCORE_SCALE!r} of attention kind {kind!r}"
-    if isinstance(value, LearnedScale):
-        return value
+LENGTH_EXPONENT = "length_exponent"
+LENGTH_REF = 256  # the number of visible keys at which a length exponent leaves the score scale as it is
+
+
+class LearnedExponent:
+    """A per-head ``length_exponent`` being trained (``attnswap.calibrate(..., end_to_end=True)``); differentiable."""
+
+    def __init__(self, exponents):
+        self.exponent = torch.tensor(exponents, dtype=torch.float32).requires_grad_(True)
+
+    def tensor(self, device) -> torch.Tensor:
+        return self.exponent.to(device)
+
+    def values(self) -> tuple:
+        return tuple(round(float(x), 6) for x in self.exponent.detach())
+
+    def __repr__(self):
+        return f"LearnedExponent({self.exponent.numel()} heads)"
+
+
+def _per_head_numbers(where: str, value, valid, wanted: str):
+    """A number, or a sequence/1D tensor of numbers (one per query head), each ``valid`` -> float or tuple."""
     if hasattr(value, "tolist"):
         value = value.tolist()
     if isinstance(value, numbers.Real) and not isinstance(value, bool):
@@ -181,10 +203,27 @@ def validate_score_scale(kind: str, value):
             isinstance(v, numbers.Real) and not isinstance(v, bool) for v in value):
         values, single = [float(v) for v in value], False
     else:
-        raise AttnSwapError(f"{where} must be a number > 0 or a list of them (one per query head), got {value!r}")
-    if not all(v > 0 and v < float("inf") for v in values):
-        raise AttnSwapError(f"{where} must be finite and > 0, got {value!r}")
+        raise AttnSwapError(f"{where} must be a number ({wanted}) or a list of them (one per query head), got "
+                            f"{value!r}")
+    if not all(valid(v) for v in values):
+        raise AttnSwapError(f"{where} must be {wanted}, got {value!r}")
     return values[0] if single else tuple(values)
+
+
+def validate_score_scale(kind: str, value):
+    """A positive number, or one per query head -> float or tuple; a ``LearnedScale`` as it is."""
+    if isinstance(value, LearnedScale):
+        return value
+    return _per_head_numbers(f"option {SCORE_SCALE!r} of attention kind {kind!r}", value,
+                             lambda v: 0 < v < float("inf"), "finite and > 0")
+
+
+def validate_length_exponent(kind: str, value):
+    """A finite number, or one per query head -> float or tuple; a ``LearnedExponent`` as it is."""
+    if isinstance(value, LearnedExponent):
+        return value
+    return _per_head_numbers(f"option {LENGTH_EXPONENT!r} of attention kind {kind!r}", value,
+                             lambda v: abs(v) < float("inf"), "finite")
 
 
 _KINDS: dict[str, Kind] = {}

@@ -216,3 +216,16 @@ def test_eval_fit_text_names_what_fitted_and_what_scored(tiny_dir, tmp_path, cap
     assert ("Fitted rows fit on the last 30000 characters of file prose.txt; every row is scored on file prose.txt "
             "less its last 30000 characters.") in printed
     assert "Fitted rows fit on the last 30000 characters of file prose.txt" in (out / "results.md").read_text()
+
+
+def test_calibrate_command_with_length_exponents(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "cal"
+    assert main(["calibrate", "--model", tiny_dir, "--attn", "sparsemax", "--out", str(out), "--window", "64",
+                 "--windows", "2", "--holdout", "0", "--end-to-end", "--end-to-end-steps", "2",
+                 "--length-exponent"]) == 0
+    assert "end-to-end length exponents" in capsys.readouterr().out
+    record = json.loads((out / "attnswap_swap.json").read_text())
+    assert all(len(o["length_exponent"]) == len(o["score_scale"]) for o in record["layer_options"].values())
+    assert main(["calibrate", "--model", tiny_dir, "--attn", "sparsemax", "--out", str(out), "--window", "64",
+                 "--length-exponent"]) == 2
+    assert "end_to_end=True" in capsys.readouterr().err

@@ -1,6 +1,7 @@
-"""Real models of more than one family, shipped on PyPI (``attnswap.default_model.MODELS``): SmolLM2-135M (llama)
-and Gemma 3 270M (gemma3: sliding-window and global layers, one KV head, head dim 256, q/k norms). The softmax
-swap is exact on each, and a calibration fitted on one text lowers the perplexity of a swap on another."""
+"""Real models of three families, shipped on PyPI (``attnswap.default_model.MODELS``): SmolLM2-135M (llama),
+Gemma 3 270M (gemma3: sliding-window and global layers, one KV head, head dim 256, q/k norms) and
+Qwen2.5-Coder-0.5B-Instruct (qwen2: biased q/k/v projections, 14 query heads on 2 KV heads). The softmax swap is
+exact on each, and a calibration fitted on one text lowers the perplexity of a swap on another."""
 
 import importlib.util
 import math
@@ -19,7 +20,7 @@ def _installed(key):
     return all(importlib.util.find_spec(p) is not None for p in MODELS[key].packages)
 
 
-@pytest.fixture(scope="module", params=["smollm2-135m", "gemma3-270m"])
+@pytest.fixture(scope="module", params=["smollm2-135m", "gemma3-270m", "qwen2.5-coder-0.5b"])
 def real(request):
     if not _installed(request.param):
         pytest.skip(f"{request.param} is not installed ({MODELS[request.param].install})")

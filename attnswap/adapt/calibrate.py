@@ -16,8 +16,9 @@ scales, the layer-wise scales and, with ``end_to_end``, the scales trained throu
 ``scale_training``) is scored by its next-token loss on the held-back windows and the lowest stays: a
 calibration that does not help is dropped. The report says which heads and which stage were kept.
 
-The scales become the swap's per-layer option ``score_scale`` (``handle.options_of(layer)``), applied by every path
-(reference and Triton kernels) as a scale on the queries.
+The scales become the swap's per-layer option ``score_scale`` (``handle.options_of(layer)``), and the end-to-end
+stage's growth of each scale with the number of keys a query sees its ``length_exponent``, applied by every path
+(reference, Triton kernels, ``StateCache`` decoding) as a scale on the queries.
 """
 
 from __future__ import annotations
@@ -187,14 +188,15 @@ def _search(kind, options, calls) -> tuple[tuple, torch.Tensor, torch.Tensor]:
 
 def calibrate(model, kind: str, data, *, tokenizer=None, window: int = DEFAULT_WINDOW,
               max_windows: int = DEFAULT_WINDOWS, holdout: float = HOLDOUT, end_to_end: bool = False,
-              end_to_end_steps: int | None = None, end_to_end_lr: float | None = None, layers=None,
-              impl: str = "auto", progress: bool = False, **options):
+              end_to_end_steps: int | None = None, end_to_end_lr: float | None = None, length_exponent: bool = False,
+              layers=None, impl: str = "auto", progress: bool = False, **options):
     """Swap ``model`` to ``kind`` with a score scale per layer and query head fitted on ``data``; returns the handle.
 
     ``data``: token ids or text (with ``tokenizer``); ``window`` tokens per calibration sequence, at most
     ``max_windows`` of them, of which the last ``holdout`` (a fraction, at least one window; 0: none) are held back
     to check the fit on (see the module docstring). ``end_to_end``: then train the scales through the whole model
-    on the fit windows (``scale_training.train_scales``; ``end_to_end_steps``, ``end_to_end_lr``).
+    on the fit windows (``scale_training.train_scales``; ``end_to_end_steps``, ``end_to_end_lr``), with
+    ``length_exponent`` also a per-head growth of each scale with the number of keys a query sees.
     ``handle.calibration`` holds the scales, which heads kept a fitted scale, the relative output error per layer
     before and after (on the held-back windows when there are any) and, with held-back windows, the next-token
     loss there of each stage (``"uncalibrated"``, ``"layer-wise"``, ``"end-to-end"``) and the one kept (``kept``:
@@ -210,6 +212,8 @@ def calibrate(model, kind: str, data, *, tokenizer=None, window: int = DEFAULT_W
                             f"{calibrated}); for linear attention use attnswap.transfer")
     if registry.SCORE_SCALE in options:
         raise AttnSwapError("calibrate fits score_scale itself; do not pass it")
+    if length_exponent and not end_to_end:
+        raise AttnSwapError("length_exponent is trained by the end-to-end stage: pass end_to_end=True with it")
     ids = calibration_windows(data, tokenizer, window=window, max_windows=max_windows)
     fit_ids, check_ids = split_windows(ids, holdout)
     modules, recorder = record_attention_inputs(model, fit_ids, layers=layers, impl=impl, fraction=QUERY_FRACTION)
@@ -230,10 +234,14 @@ def calibrate(model, kind: str, data, *, tokenizer=None, window: int = DEFAULT_W
         steps = DEFAULT_STEPS if end_to_end_steps is None else end_to_end_steps
         lr = DEFAULT_LR if end_to_end_lr is None else end_to_end_lr
         stages["end-to-end"], losses = train_scales(model, kind, fit_ids, layer_options, layers=layers, impl=impl,
-                                                    steps=steps, lr=lr, progress=progress, **options)
-        extra["end_to_end"] = {"steps": steps, "lr": lr, "loss_first": losses[0], "loss_last": losses[-1]}
+                                                    steps=steps, lr=lr, length_exponent=length_exponent,
+                                                    progress=progress, **options)
+        extra["end_to_end"] = {"steps": steps, "lr": lr, "length_exponent": length_exponent,
+                               "loss_first": losses[0], "loss_last": losses[-1]}
         for index, opts in stages["end-to-end"].items():
             report[index]["end_to_end_scale"] = list(opts[registry.SCORE_SCALE])
+            if registry.LENGTH_EXPONENT in opts:
+                report[index]["length_exponent"] = list(opts[registry.LENGTH_EXPONENT])
     chosen = list(stages)[-1]
     if check_ids is not None:  # the whole model on the held-back windows: the stage with the lowest loss stays
         losses = {}

@@ -69,7 +69,7 @@ def applied(model, spec: AttnSpec):
         fit = calibrate if spec.calibrated else transfer
         settings = {k: v for k, v in spec.fit_settings.items() if spec.transferred or k != "steps"}
         if spec.end_to_end:
-            settings["end_to_end"] = True
+            settings.update(end_to_end=True, length_exponent=spec.length_exponent)
         handle = fit(model, spec.kind, spec.calibration_ids, layers=spec.layers, progress=True, **settings,
                      **spec.options)
         spec.fitted = handle.layer_options

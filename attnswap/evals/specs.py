@@ -20,6 +20,7 @@ class AttnSpec:
     calibrated: bool = False  # fit per-head score scales first (attnswap.calibrate) on ``calibration_ids``
     transferred: bool = False  # learn query/key maps first (attnswap.transfer) on ``calibration_ids``
     end_to_end: bool = False  # calibrated: then train the scales through the whole model
+    length_exponent: bool = False  # end to end: also each head's growth of its scale with the context
     swap_dir: str | None = None  # a swap saved with attnswap.save_swap
     calibration_ids: Any = None
     fit_settings: dict = field(default_factory=dict)  # window, max_windows (and steps) for calibrate / transfer
@@ -33,7 +34,8 @@ class AttnSpec:
             return "model's own"
         opts = "".join(f" {k}={v}" for k, v in self.options.items())
         return f"{self.kind}{opts}" + (" calibrated" if self.calibrated else "") + (
-            " end-to-end" if self.end_to_end else "") + (" transferred" if self.transferred else "")
+            " end-to-end" if self.end_to_end else "") + (" length-exponent" if self.length_exponent else "") + (
+            " transferred" if self.transferred else "")
 
 
 _LAYER_ITEM = re.compile(r"^\s*(\d+)\s*(?:-\s*(\d+)\s*)?$")
@@ -52,7 +54,8 @@ def parse_attn(spec: str, layers: list[int] | str | None = None) -> list[AttnSpe
     """``"softmax,topk:k=64,entmax:alpha=1.5"`` -> specs, each validated against the kind's options.
 
     ``kind:...:calibrated`` fits per-head score scales first (``attnswap.calibrate``; ``:calibrated:end_to_end``
-    then trains them through the whole model), ``kind:...:transferred``
+    then trains them through the whole model, ``:calibrated:end_to_end:length_exponent`` with a per-head growth of
+    each scale with the context), ``kind:...:transferred``
     learns query/key maps first (``attnswap.transfer``); ``saved:DIR`` loads a swap
     saved with ``attnswap.save_swap`` (or ``attnswap calibrate --out DIR``)."""
     out = []
@@ -63,13 +66,14 @@ def parse_attn(spec: str, layers: list[int] | str | None = None) -> list[AttnSpe
                 raise AttnSwapError(f"malformed attention spec {item!r}: write saved:DIR")
             out.append(AttnSpec(None, {}, layers, swap_dir=rest))
             continue
-        options, calibrated, transferred, end_to_end = {}, False, False, False
+        options, calibrated, transferred, end_to_end, length_exponent = {}, False, False, False, False
         for pair in filter(None, rest.split(":")):
             if pair in ("calibrated", "transferred"):
                 calibrated, transferred = calibrated or pair == "calibrated", transferred or pair == "transferred"
                 continue
-            if pair == "end_to_end":
-                end_to_end = True
+            if pair in ("end_to_end", "length_exponent"):
+                end_to_end, length_exponent = end_to_end or pair == "end_to_end", (length_exponent
+                                                                                   or pair == "length_exponent")
                 continue
             key, eq, value = pair.partition("=")
             if not eq or not key:
@@ -83,11 +87,14 @@ def parse_attn(spec: str, layers: list[int] | str | None = None) -> list[AttnSpe
             raise AttnSwapError(f"attention spec {item!r}: kind {name!r} has no feature map to transfer to")
         if calibrated and transferred:
             raise AttnSwapError(f"attention spec {item!r}: choose calibrated or transferred, not both")
+        if length_exponent and not end_to_end:
+            raise AttnSwapError(f"attention spec {item!r}: length_exponent goes with end_to_end "
+                                "(kind:...:calibrated:end_to_end:length_exponent)")
         if end_to_end and not calibrated:
             raise AttnSwapError(f"attention spec {item!r}: end_to_end goes with calibrated "
                                 "(kind:...:calibrated:end_to_end)")
         out.append(AttnSpec(name, options, layers, calibrated=calibrated, transferred=transferred,
-                            end_to_end=end_to_end))
+                            end_to_end=end_to_end, length_exponent=length_exponent))
     if not out:
         raise AttnSwapError(f"empty attention spec {spec!r}; e.g. softmax,topk:k=64,entmax:alpha=1.5")
     return out

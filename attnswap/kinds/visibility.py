@@ -13,6 +13,9 @@ import torch
 from ..errors import AttnSwapError
 
 
+COUNT_BLOCK = 1 << 22  # query-key pairs per block when counting a mask's visible keys
+
+
 @dataclass
 class Visibility:
     """Keys visible to each query.
@@ -59,6 +62,24 @@ class Visibility:
     def most_visible(self) -> int:
         """An upper bound on the keys any query sees, from causal/window alone."""
         return self.m if self.window is None else min(self.m, self.window)
+
+    def key_counts(self, device=None) -> torch.Tensor:
+        """(b|1, Hkv|1, G|1, n) fp32: how many keys each query sees (causal, window and mask; at least 1, so that a
+        query that sees nothing gets a finite count)."""
+        pos = torch.arange(self.n, device=device) + self.offset
+        hi = (pos + 1).clamp(max=self.m) if self.causal else torch.full_like(pos, self.m)
+        lo = (pos - self.window + 1).clamp(min=0) if self.window is not None else torch.zeros_like(pos)
+        if self.mask is None:
+            counts = (hi - lo).clamp(min=0)[None, None, None]
+        else:  # the mask's visible keys inside the causal/window band, a chunk of queries at a time
+            step = max(1, COUNT_BLOCK // max(self.m, 1))
+            parts = []
+            for q0 in range(0, self.n, step):
+                q1 = min(self.n, q0 + step)
+                visible, _ = self.block(q0, q1, 0, self.m, device=device)  # with a mask, never None
+                parts.append(visible.sum(-1).expand(*visible.shape[:3], q1 - q0))
+            counts = torch.cat(parts, dim=-1)
+        return counts.float().clamp(min=1)
 
     def key_valid(self) -> torch.Tensor | None:
         """(b|1, Hkv|1, G|1, 1, m) bool key-padding mask when ``is_structured``."""

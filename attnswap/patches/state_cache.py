@@ -326,7 +326,8 @@ def state_attention(layer: StateLayer, spec, query, key, value, attention_mask, 
         if FEATURE_PROJ in spec.options:  # the state holds keys after the learned projection
             key = project(spec.options[FEATURE_PROJ], query, key)[1]
     else:  # queries and keys as dispatch.run would see them (learned projection, score scale)
-        query, key, _ = prepare_qk(spec.options, query, key)
+        query, key, _ = prepare_qk(spec.options, query, key,
+                                   counts=lambda: _key_counts(layer, real, b, q, is_causal, query.device))
         if _fused_step_applies(query, key, value, layer, new_mask):
             out = _fused_step(layer, phi, eps, sink_weight, sinks, query, key, value, real)
             _count(layer, real, q, b, key.device)
@@ -354,7 +355,8 @@ def _window_attention(layer: WindowStateLayer, spec, query, key, value, attentio
         out = run_attention(model_visibility(vis_mask, query, key, is_causal=is_causal, native=spec.native))
     else:
         _check_new_keys(layer, new_mask, real, is_causal, q)
-        query, key, _ = prepare_qk(spec.options, query, key, keep_projection=True)  # score_scale, as dispatch does
+        query, key, _ = prepare_qk(spec.options, query, key, keep_projection=True,  # score_scale, as dispatch does
+                                   counts=lambda: _key_counts(layer, real, b, q, is_causal, query.device))
     rows = layer.rows(key, value, real)  # per row: kept keys, then the real new ones (decode step and cache update)
     if layer.seen:
         out = cached_step(query, rows, real, layer.state, layer.norm, causal=is_causal, window=window,
@@ -488,6 +490,16 @@ def _fold(layer: StateLayer, phi, key, value, real) -> None:
             layer.state += ds
             layer.norm += dz
     _count(layer, real, q, b, key.device)
+
+
+def _key_counts(layer: StateLayer, real, b: int, q: int, is_causal: bool, device) -> torch.Tensor:
+    """(b, 1, 1, q) fp32: how many keys each new query sees (the row's real past tokens, then its real new ones up
+    to itself, or all of them when not causal), as ``Visibility.key_counts`` counts them for a length exponent."""
+    past = (layer.valid.to(device) if layer.valid is not None
+            else torch.full((b,), layer.seen, dtype=torch.int64, device=device))
+    new = real.long().to(device) if real is not None else torch.ones((b, q), dtype=torch.int64, device=device)
+    new = new.cumsum(1) if is_causal else new.sum(1, keepdim=True).expand(b, q)
+    return (past[:, None] + new).float().clamp(min=1)[:, None, None]
 
 
 def _count(layer: StateLayer, real, q: int, b: int, device) -> None:

@@ -152,20 +152,32 @@ def project(projection, query: torch.Tensor, key: torch.Tensor):
     return q2.to(query.dtype), k2.to(key.dtype)
 
 
+def per_head(value, name: str, heads: int, device):
+    """A per-head option's value as a float (one number) or an fp32 (heads,) tensor (a tuple, or a ``LearnedScale``
+    / ``LearnedExponent`` being trained, differentiable)."""
+    if isinstance(value, registry.LearnedScale):
+        values = value.factor(device)
+    elif isinstance(value, registry.LearnedExponent):
+        values = value.tensor(device)
+    elif isinstance(value, tuple):
+        values = torch.tensor(value, dtype=torch.float32, device=device)
+    else:
+        return float(value)
+    if values.numel() != heads:
+        raise AttnSwapError(f"{name} has {values.numel()} values but the attention has {heads} query heads; give one "
+                            "number or one per query head")
+    return values
+
+
 def scale_queries(query: torch.Tensor, scale) -> torch.Tensor:
     """query (b, Hq, n, d) times a score scale: one number, one per query head, or a ``LearnedScale`` (computed in
     fp32; differentiable in the learned scale)."""
-    if isinstance(scale, (tuple, registry.LearnedScale)):  # one per query head
-        factor = (scale.factor(query.device) if isinstance(scale, registry.LearnedScale)
-                  else torch.tensor(scale, dtype=torch.float32, device=query.device))
-        if factor.numel() != query.shape[1]:
-            raise AttnSwapError(f"score_scale has {factor.numel()} values but the attention has {query.shape[1]} "
-                                "query heads; give one number or one per query head")
-        factor = factor.view(1, -1, 1, 1)
-    elif scale == 1.0:
-        return query
+    factor = per_head(scale, registry.SCORE_SCALE, query.shape[1], query.device)
+    if isinstance(factor, float):
+        if factor == 1.0:
+            return query
     else:
-        factor = float(scale)
+        factor = factor.view(1, -1, 1, 1)
     return (query.float() * factor).to(query.dtype)
 
 
@@ -174,17 +186,12 @@ def grow_with_length(query: torch.Tensor, exponent, counts: torch.Tensor, kv_hea
     or a ``LearnedExponent``; ``counts`` (b|1, Hkv|1, G|1, n), the keys each query sees (computed in fp32;
     differentiable in a learned exponent)."""
     b, hq, n, d = query.shape
-    if isinstance(exponent, (tuple, registry.LearnedExponent)):  # one per query head
-        power = (exponent.tensor(query.device) if isinstance(exponent, registry.LearnedExponent)
-                 else torch.tensor(exponent, dtype=torch.float32, device=query.device))
-        if power.numel() != hq:
-            raise AttnSwapError(f"length_exponent has {power.numel()} values but the attention has {hq} query heads; "
-                                "give one number or one per query head")
-        power = power.view(1, kv_heads, hq // kv_heads, 1)
-    elif exponent == 0.0:
-        return query
+    power = per_head(exponent, registry.LENGTH_EXPONENT, hq, query.device)
+    if isinstance(power, float):
+        if power == 0.0:
+            return query
     else:
-        power = float(exponent)
+        power = power.view(1, kv_heads, hq // kv_heads, 1)
     factor = torch.exp(power * torch.log(counts.to(query.device, torch.float32) / registry.LENGTH_REF))
     grouped = query.float().reshape(b, kv_heads, hq // kv_heads, n, d) * factor[..., None]
     return grouped.reshape(b, hq, n, d).to(query.dtype)

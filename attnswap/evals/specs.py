@@ -71,9 +71,11 @@ def parse_attn(spec: str, layers: list[int] | str | None = None) -> list[AttnSpe
             if pair in ("calibrated", "transferred"):
                 calibrated, transferred = calibrated or pair == "calibrated", transferred or pair == "transferred"
                 continue
-            if pair in ("end_to_end", "length_exponent"):
-                end_to_end, length_exponent = end_to_end or pair == "end_to_end", (length_exponent
-                                                                                   or pair == "length_exponent")
+            if pair == "end_to_end":
+                end_to_end = True
+                continue
+            if pair == "length_exponent":
+                length_exponent = True
                 continue
             key, eq, value = pair.partition("=")
             if not eq or not key:

@@ -66,10 +66,10 @@ class Visibility:
     def key_counts(self, device=None) -> torch.Tensor:
         """(b|1, Hkv|1, G|1, n) fp32: how many keys each query sees (causal, window and mask; at least 1, so that a
         query that sees nothing gets a finite count)."""
-        pos = torch.arange(self.n, device=device) + self.offset
-        hi = (pos + 1).clamp(max=self.m) if self.causal else torch.full_like(pos, self.m)
-        lo = (pos - self.window + 1).clamp(min=0) if self.window is not None else torch.zeros_like(pos)
         if self.mask is None:
+            pos = torch.arange(self.n, device=device) + self.offset
+            hi = (pos + 1).clamp(max=self.m) if self.causal else torch.full_like(pos, self.m)
+            lo = (pos - self.window + 1).clamp(min=0) if self.window is not None else torch.zeros_like(pos)
             counts = (hi - lo).clamp(min=0)[None, None, None]
         else:  # the mask's visible keys inside the causal/window band, a chunk of queries at a time
             step = max(1, COUNT_BLOCK // max(self.m, 1))

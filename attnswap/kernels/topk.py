@@ -41,9 +41,14 @@ Two steps, no N x N tensor:
      query block over its key blocks with weight, the dk/dv kernel per key block over its query blocks), with
      no per-block test in the loop; a key scoring below its row's threshold is invisible. Decode shapes
      (``flash_fwd.use_split_kv``) take the split-KV ``flash_decode`` over the whole band. Every one of these
-     kernels forms a score exactly as the threshold pass does (``dot(q (rows x d), k^T (d x keys)) * scale``,
-     then softcap, same padded head dim and dtype path), so the key at the threshold is never lost and the kept
-     set is {j visible : s_ij >= k-th largest s_i.} exactly.
+     kernels forms a score as the threshold pass does (``dot(q (rows x d), k^T (d x keys)) * scale``, then
+     softcap, same padded head dim and dtype path), but on tiles of its own, and a dot's rounding may depend on
+     the tile's shape (the interpreter's numpy matmul on an AMD EPYC: 1.4e-6 apart between 16- and 32-row
+     tiles; tensor-core instructions differ by tile too). So the kernels compare against the threshold less
+     ``TIE_RTOL`` (2^-16) of max(|threshold|, 1) (``tie_floor``): the key at the k-th score is never lost, and
+     a key within that allowance of it counts as a tie (kept, like exact ties); the level map uses the same
+     floor. The kept set is {j visible : s_ij >= k-th largest s_i. - allowance}: the reference's set unless a
+     score lies within ~1.5e-5 relative of the k-th, where fp32 rounding cannot order them anyway.
 
 Selection gets no gradient (as in the reference, which selects under no_grad): the backward is the softmax
 backward restricted to the kept keys. Attention sinks: the sink logit competes in the selection as an extra,
@@ -76,6 +81,22 @@ MAX_STEPS = 40  # > 33: a fallback row's image range at least halves every step,
 # measured (see the module docstring): 16 leave the k-th's bin over CAP in ~1-25% of SmolLM2's rows.
 NUM_BINS = 32
 RANGE_MARGIN = 2.0  # the histogram starts this many standard deviations below the estimated k-th largest score
+# Scores within this fraction of max(|k-th score|, 1) below a row's k-th count as ties (``tie_floor``): far above
+# the rounding by which one q.k dot differs between tile shapes, far below the spacing of real scores.
+TIE_RTOL = 2.0 ** -16
+_TIE_RTOL = tl.constexpr(TIE_RTOL)  # the same, for the kernels
+
+
+@triton.jit
+def _tie_floor(thr):
+    """The comparison threshold of a row's k-th score ``thr`` (``tie_floor`` in a kernel; -inf stays -inf)."""
+    return thr - _TIE_RTOL * tl.maximum(tl.abs(thr), 1.0)
+
+
+def tie_floor(thr: torch.Tensor) -> torch.Tensor:
+    """The threshold the attention kernels compare scores with: each row's k-th score ``thr`` less ``TIE_RTOL``
+    of max(|thr|, 1), so a dot rounded differently on another kernel's tiles still keeps the k-th key."""
+    return thr - TIE_RTOL * thr.abs().clamp_min(1.0)
 
 
 @triton.jit
@@ -412,8 +433,9 @@ def _threshold_kernel(Q, K, SINKS, MASK, THR, KEPT, SEEN, PASSES, SCRATCH, BMAX,
     tl.store(KEPT + rows, kept, mask=row_ok)
     tl.store(SEEN + rows, seen, mask=row_ok)
     # the block's level map: a key block no row keeps a key of has its largest score below the smallest
-    # threshold (a sufficient test; a row that keeps everything has -inf and rules nothing out)
-    thr_floor = tl.min(tl.where(row_ok, thr, float("inf")), 0)
+    # threshold, less the tie allowance (a sufficient test; a row that keeps everything has -inf and rules
+    # nothing out)
+    thr_floor = tl.min(tl.where(row_ok, _tie_floor(thr), float("inf")), 0)
     level_row = LEVELS + program * N_KB
     for start_n in range(key_lo, key_hi, BLOCK_N):
         no_weight = tl.load(max_row + start_n // BLOCK_N) < thr_floor
@@ -606,8 +628,8 @@ def topk_attention(q, k, v, *, k_top, scaling, causal=False, offset=0, window=No
     n, m = q.shape[2], k.shape[2]
     decode = use_split_kv(n, m, q.shape[1] // k.shape[1])  # generation: the split-KV path visits every block
     lists = None if decode else sel.lists(q, n, m)
-    o = _ThresholdedSoftmax.apply(q, k, v, sinks, mask, sel.thr, lists, bool(causal), int(offset), window,
-                                  float(scaling), None if softcap is None else float(softcap))
+    o = _ThresholdedSoftmax.apply(q, k, v, sinks, mask, tie_floor(sel.thr), lists, bool(causal), int(offset),
+                                  window, float(scaling), None if softcap is None else float(softcap))
     if not return_stats:
         return o
     levels = torch.where(sel.levels != OUTSIDE, WEIGHT, OUTSIDE) if decode else lists[0].levels
@@ -623,7 +645,7 @@ def _stats(sel: _Selection, levels, sinks) -> dict:
     kept_keys, seen_keys = kept.double(), seen.double()
     if sinks is not None:
         real = seen > 0
-        sink_kept = (sinks.detach().float().view(1, -1, 1) >= thr) & real
+        sink_kept = (sinks.detach().float().view(1, -1, 1) >= tie_floor(thr)) & real
         kept_keys = kept_keys - sink_kept.double()
         seen_keys = seen_keys - real.double()
     total = float(seen_keys.sum())

@@ -1,7 +1,8 @@
 """Real models of three families, shipped on PyPI (``attnswap.default_model.MODELS``): SmolLM2-135M (llama),
 Gemma 3 270M (gemma3: sliding-window and global layers, one KV head, head dim 256, q/k norms) and
 Qwen2.5-Coder-0.5B-Instruct (qwen2: biased q/k/v projections, 14 query heads on 2 KV heads). The softmax swap is
-exact on each, and a calibration or attention transfer fitted on one text lowers the perplexity of a swap on another."""
+exact on each, and a calibration or attention transfer fitted on one text lowers the perplexity of a swap on
+another."""
 
 import importlib.util
 import math
@@ -66,7 +67,6 @@ def test_calibration_fitted_on_other_text_lowers_entmax_perplexity(real):
     handle.restore()
     assert handle.calibration["kept"] == "layer-wise", (name, handle.calibration["held_out_loss"])
     assert calibrated < raw and calibrated / own < 1 + 0.5 * (raw / own - 1), (name, own, raw, calibrated)
-
 
 
 def test_window_linear_transfer_fitted_on_other_text_lowers_perplexity(real):

@@ -17,9 +17,8 @@ import torch
 import attnswap
 from attnswap.adapt.calibrate import calibration_windows, next_token_loss, split_windows
 from attnswap.adapt.finetune import DEFAULT_TOP, distill_loss, run_steps, teacher_targets
+from attnswap.adapt.scale_training import DEFAULT_LR as SCALE_LR
 from attnswap.registry import SCORE_SCALE, LearnedScale
-
-SCALE_LR = 0.02  # scale_training.DEFAULT_LR
 
 
 class Probe:

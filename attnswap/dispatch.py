@@ -120,13 +120,14 @@ def prefer_sdpa(*, device_type: str, dtype, pairs: int, head_dim: int, masked: b
     return flash and (impl == "torch" or pairs < CUDA_SDPA_MAX_PAIRS)
 
 
-INPUT_OPTIONS = (registry.SCORE_SCALE, registry.LENGTH_EXPONENT, registry.FEATURE_PROJ)
+INPUT_OPTIONS = (registry.SCORE_SCALE, registry.LENGTH_EXPONENT, registry.QUERY_GAIN,
+                 registry.FEATURE_PROJ)
 
 
 def prepare_qk(options: dict, query: torch.Tensor, key: torch.Tensor, keep_projection: bool = False, counts=None):
     """Apply the options that act on the inputs rather than on the kind: a learned ``feature_proj`` on queries and
     keys (unless the kind applies it itself: ``keep_projection``), then a ``score_scale`` (and its
-    ``length_exponent``) on the queries. ``counts``: a function giving the number of keys each query sees, as
+    ``length_exponent``) and a ``query_gain`` on the queries. ``counts``: a function giving the number of keys each query sees, as
     ``Visibility.key_counts`` does (needed only with a length exponent). Returns (query, key, the remaining options)."""
     options = dict(options)
     projection = None if keep_projection else options.pop(registry.FEATURE_PROJ, None)
@@ -140,6 +141,9 @@ def prepare_qk(options: dict, query: torch.Tensor, key: torch.Tensor, keep_proje
         if counts is None:
             raise AttnSwapError("a length_exponent needs the number of keys each query sees, and this path has none")
         query = grow_with_length(query, exponent, counts(), key.shape[1])
+    gain = options.pop(registry.QUERY_GAIN, None)
+    if gain is not None:
+        query = gain_queries(query, gain)
     return query, key, options
 
 
@@ -179,6 +183,36 @@ def scale_queries(query: torch.Tensor, scale) -> torch.Tensor:
     else:
         factor = factor.view(1, -1, 1, 1)
     return (query.float() * factor).to(query.dtype)
+
+
+_CONSTANTS: dict = {}  # (id(value), device) -> (value, its fp32 tensor)
+
+
+def constant_tensor(value: tuple, device) -> torch.Tensor:
+    """A (nested) tuple of numbers from the options as an fp32 tensor on ``device``, made once per option value
+    (the value is kept with it, so its id is not reused): building it anew costs ~0.1 ms a call for a few hundred
+    numbers, once per layer and call."""
+    key = (id(value), str(device))
+    hit = _CONSTANTS.get(key)
+    if hit is not None and hit[0] is value:
+        return hit[1]
+    if len(_CONSTANTS) >= 4096:
+        _CONSTANTS.clear()
+    tensor = torch.tensor(value, dtype=torch.float32, device=device)
+    _CONSTANTS[key] = (value, tensor)
+    return tensor
+
+
+def gain_queries(query: torch.Tensor, gain) -> torch.Tensor:
+    """query (b, Hq, n, d) times a ``query_gain``: (Hq, d) numbers or a ``LearnedGain`` (computed in fp32;
+    differentiable in a learned gain)."""
+    factor = (gain.factor(query.device) if isinstance(gain, registry.LearnedGain)
+              else constant_tensor(gain, query.device))
+    if factor.shape != (query.shape[1], query.shape[3]):
+        raise AttnSwapError(f"{registry.QUERY_GAIN} has shape {tuple(factor.shape)} but the attention has "
+                            f"{query.shape[1]} query heads of dim {query.shape[3]}: give one row of {query.shape[3]} "
+                            "numbers per query head")
+    return (query.float() * factor[None, :, None, :]).to(query.dtype)
 
 
 def grow_with_length(query: torch.Tensor, exponent, counts: torch.Tensor, kv_heads: int) -> torch.Tensor:

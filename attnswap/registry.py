@@ -95,16 +95,19 @@ class Kind:
         Score-based kinds also take ``score_scale``: one number, or one per query head, multiplying the scores
         before the kind's map (a temperature; what ``attnswap.calibrate`` fits), and ``length_exponent``: one
         number, or one per query head, ``e``, by which that scale grows with the number ``n`` of keys a query sees,
-        ``score_scale * (n / LENGTH_REF) ** e`` (what ``calibrate(..., end_to_end=True)`` trains)."""
+        ``score_scale * (n / LENGTH_REF) ** e`` (what ``calibrate(..., end_to_end=True)`` trains), and
+        ``query_gain``: per query head, one factor per coordinate of its queries, ``(Hq, head_dim)`` numbers (what
+        ``calibrate(..., end_to_end=True, query_gain=True)`` trains)."""
         # an alias's pinned value (sparsemax: alpha=2) may come back in resolved options: accept it as it is
         options = {k: v for k, v in options.items() if not (k in self.fixed and v == self.fixed[k])}
         scale = options.pop(SCORE_SCALE, None)
         exponent = options.pop(LENGTH_EXPONENT, None)
+        gain = options.pop(QUERY_GAIN, None)
         projection = options.pop(FEATURE_PROJ, None)
         if projection is not None and not isinstance(projection, FeatureProjection):
             raise AttnSwapError(f"option {FEATURE_PROJ!r} must be an attnswap.registry.FeatureProjection (what "
                                 f"attnswap.transfer learns), got {type(projection).__name__}")
-        for name, value in ((SCORE_SCALE, scale), (LENGTH_EXPONENT, exponent)):
+        for name, value in ((SCORE_SCALE, scale), (LENGTH_EXPONENT, exponent), (QUERY_GAIN, gain)):
             if value is not None and not self.uses_scores:
                 raise AttnSwapError(f"option {name!r} needs scores, and attention kind {self.name!r} has none")
         schema = {o.name: o for o in self.options if o.name not in self.fixed}
@@ -121,6 +124,8 @@ class Kind:
             resolved[SCORE_SCALE] = validate_score_scale(self.name, scale)
         if exponent is not None:
             resolved[LENGTH_EXPONENT] = validate_length_exponent(self.name, exponent)
+        if gain is not None:
+            resolved[QUERY_GAIN] = validate_query_gain(self.name, gain)
         if projection is not None:
             resolved[FEATURE_PROJ] = projection
         return resolved
@@ -191,6 +196,53 @@ class LearnedExponent:
 
     def __repr__(self):
         return f"LearnedExponent({self.exponent.numel()} heads)"
+
+
+QUERY_GAIN = "query_gain"
+
+
+class LearnedGain:
+    """Per-head query gains being trained (``attnswap.calibrate(..., end_to_end=True, query_gain=True)``): one
+    log-gain per query head and rotary frequency, shared by the two coordinates ``i`` and ``i + head_dim/2`` that
+    rotate-half RoPE (the transformers convention) turns together, so the gain commutes with the rotation: the same
+    as scaling the query before RoPE, and the scores stay a function of relative position. All 1 at the start;
+    ``exp`` keeps them positive; a ``query_gain`` value while it trains."""
+
+    def __init__(self, heads: int, head_dim: int):
+        if head_dim % 2:
+            raise AttnSwapError(f"query gains pair the coordinates of a head (rotary pairs), so they need an even head "
+                                f"dim, got {head_dim}")
+        self.log_gain = torch.zeros(heads, head_dim // 2, dtype=torch.float32, requires_grad=True)
+
+    def factor(self, device) -> torch.Tensor:
+        """(Hq, head_dim): each pair's gain on both its coordinates."""
+        gain = self.log_gain.to(device).exp()
+        return torch.cat([gain, gain], -1)
+
+    def values(self) -> tuple:
+        """The gains as plain numbers, a tuple per head (what the swap keeps once training ends)."""
+        return tuple(tuple(round(float(x), 6) for x in row) for row in self.factor("cpu").detach())
+
+    def __repr__(self):
+        return f"LearnedGain({self.log_gain.shape[0]} heads, dim {2 * self.log_gain.shape[1]})"
+
+
+def validate_query_gain(kind: str, value):
+    """Per query head a sequence of positive numbers, one per coordinate (a nested sequence or a 2D tensor, all
+    rows the same length) -> a tuple of tuples; a ``LearnedGain`` as it is."""
+    if isinstance(value, LearnedGain):
+        return value
+    where = f"option {QUERY_GAIN!r} of attention kind {kind!r}"
+    if hasattr(value, "tolist"):
+        value = value.tolist()
+    rows = value if isinstance(value, (list, tuple)) and value else None
+    if rows is None or not all(isinstance(r, (list, tuple)) and r for r in rows) or len({len(r) for r in rows}) != 1:
+        raise AttnSwapError(f"{where} must hold one row per query head, each one positive number per coordinate of "
+                            f"the head (shape (Hq, head_dim)), got {value!r:.200}")
+    flat = [v for r in rows for v in r]
+    if not all(isinstance(v, numbers.Real) and not isinstance(v, bool) and 0 < v < float("inf") for v in flat):
+        raise AttnSwapError(f"{where} must hold finite numbers > 0, got {value!r:.200}")
+    return tuple(tuple(float(v) for v in r) for r in rows)
 
 
 def _per_head_numbers(where: str, value, valid, wanted: str):

@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -213,6 +214,8 @@ def test_eval_fit_text_names_what_fitted_and_what_scored(tiny_dir, tmp_path, cap
                  "--eval-text", str(path), "--fit-text", str(path), "--max-tokens", "256", "--max-length", "128",
                  "--fit-window", "64", "--fit-windows", "2"]) == 0
     printed = capsys.readouterr().out
+    assert re.search(r"sparsemax calibrated: next-token loss on the held-back windows uncalibrated \d+\.\d{4}, "
+                     r"layer-wise \d+\.\d{4}: kept (uncalibrated|layer-wise)", printed)  # what the check chose
     assert ("Fitted rows fit on the last 30000 characters of file prose.txt; every row is scored on file prose.txt "
             "less its last 30000 characters.") in printed
     assert "Fitted rows fit on the last 30000 characters of file prose.txt" in (out / "results.md").read_text()

@@ -69,10 +69,13 @@ def applied(model, spec: AttnSpec):
         fit = calibrate if spec.calibrated else transfer
         settings = {k: v for k, v in spec.fit_settings.items() if spec.transferred or k != "steps"}
         if spec.end_to_end:
-            settings.update(end_to_end=True, length_exponent=spec.length_exponent)
+            settings.update(end_to_end=True, length_exponent=spec.length_exponent, query_gain=spec.query_gain)
         handle = fit(model, spec.kind, spec.calibration_ids, layers=spec.layers, progress=True, **settings,
                      **spec.options)
         spec.fitted = handle.layer_options
+        line = held_back_line(spec.label, getattr(handle, "calibration" if spec.calibrated else "transfer", None))
+        if line:
+            print(line, flush=True)
     elif spec.kind is None:
         yield None
         return
@@ -84,6 +87,15 @@ def applied(model, spec: AttnSpec):
         yield handle
     finally:
         handle.restore()
+
+
+def held_back_line(label: str, report: dict | None) -> str | None:
+    """What a fit's held-back check chose, in one line (None when it ran no check)."""
+    losses = (report or {}).get("held_out_loss")
+    if not losses:
+        return None
+    stages = ", ".join(f"{name} {loss:.4f}" for name, loss in losses.items())
+    return f"{label}: next-token loss on the held-back windows {stages}: kept {report['kept']}"
 
 
 def calibration_ids(tokenizer, specs: list[AttnSpec], text: str | None = None, **settings) -> None:

@@ -21,6 +21,7 @@ class AttnSpec:
     transferred: bool = False  # learn query/key maps first (attnswap.transfer) on ``calibration_ids``
     end_to_end: bool = False  # calibrated: then train the scales through the whole model
     length_exponent: bool = False  # end to end: also each head's growth of its scale with the context
+    query_gain: bool = False  # end to end: also a gain per rotary frequency of each head's queries
     swap_dir: str | None = None  # a swap saved with attnswap.save_swap
     calibration_ids: Any = None
     fit_settings: dict = field(default_factory=dict)  # window, max_windows (and steps) for calibrate / transfer
@@ -35,8 +36,11 @@ class AttnSpec:
         opts = "".join(f" {k}={v}" for k, v in self.options.items())
         return f"{self.kind}{opts}" + (" calibrated" if self.calibrated else "") + (
             " end-to-end" if self.end_to_end else "") + (" length-exponent" if self.length_exponent else "") + (
-            " transferred" if self.transferred else "")
+            " query-gain" if self.query_gain else "") + (" transferred" if self.transferred else "")
 
+
+END_TO_END_EXTRAS = ("length_exponent", "query_gain")  # what the end-to-end stage may also train
+FLAGS = ("calibrated", "transferred", "end_to_end") + END_TO_END_EXTRAS
 
 _LAYER_ITEM = re.compile(r"^\s*(\d+)\s*(?:-\s*(\d+)\s*)?$")
 
@@ -55,7 +59,8 @@ def parse_attn(spec: str, layers: list[int] | str | None = None) -> list[AttnSpe
 
     ``kind:...:calibrated`` fits per-head score scales first (``attnswap.calibrate``; ``:calibrated:end_to_end``
     then trains them through the whole model, ``:calibrated:end_to_end:length_exponent`` with a per-head growth of
-    each scale with the context), ``kind:...:transferred``
+    each scale with the context, ``:calibrated:end_to_end:query_gain`` with a gain per rotary frequency of each
+    head's queries; the two combine), ``kind:...:transferred``
     learns query/key maps first (``attnswap.transfer``); ``saved:DIR`` loads a swap
     saved with ``attnswap.save_swap`` (or ``attnswap calibrate --out DIR``)."""
     out = []
@@ -66,22 +71,17 @@ def parse_attn(spec: str, layers: list[int] | str | None = None) -> list[AttnSpe
                 raise AttnSwapError(f"malformed attention spec {item!r}: write saved:DIR")
             out.append(AttnSpec(None, {}, layers, swap_dir=rest))
             continue
-        options, calibrated, transferred, end_to_end, length_exponent = {}, False, False, False, False
+        options, flags = {}, set()
         for pair in filter(None, rest.split(":")):
-            if pair in ("calibrated", "transferred"):
-                calibrated, transferred = calibrated or pair == "calibrated", transferred or pair == "transferred"
-                continue
-            if pair == "end_to_end":
-                end_to_end = True
-                continue
-            if pair == "length_exponent":
-                length_exponent = True
+            if pair in FLAGS:
+                flags.add(pair)
                 continue
             key, eq, value = pair.partition("=")
             if not eq or not key:
                 raise AttnSwapError(f"malformed attention spec {item!r}: write kind or kind:option=value[:option=value], "
                                     "e.g. topk:k=64")
             options[key] = _number(value)
+        calibrated, transferred, end_to_end = ("calibrated" in flags, "transferred" in flags, "end_to_end" in flags)
         kind, _ = registry.resolve(name, options)  # unknown kind / option -> a clear error now, not mid-run
         if calibrated and not kind.uses_scores:
             raise AttnSwapError(f"attention spec {item!r}: kind {name!r} has no scores to calibrate")
@@ -89,14 +89,15 @@ def parse_attn(spec: str, layers: list[int] | str | None = None) -> list[AttnSpe
             raise AttnSwapError(f"attention spec {item!r}: kind {name!r} has no feature map to transfer to")
         if calibrated and transferred:
             raise AttnSwapError(f"attention spec {item!r}: choose calibrated or transferred, not both")
-        if length_exponent and not end_to_end:
-            raise AttnSwapError(f"attention spec {item!r}: length_exponent goes with end_to_end "
-                                "(kind:...:calibrated:end_to_end:length_exponent)")
+        for extra in sorted(flags & set(END_TO_END_EXTRAS)):
+            if not end_to_end:
+                raise AttnSwapError(f"attention spec {item!r}: {extra} goes with end_to_end "
+                                    f"(kind:...:calibrated:end_to_end:{extra})")
         if end_to_end and not calibrated:
             raise AttnSwapError(f"attention spec {item!r}: end_to_end goes with calibrated "
                                 "(kind:...:calibrated:end_to_end)")
         out.append(AttnSpec(name, options, layers, calibrated=calibrated, transferred=transferred,
-                            end_to_end=end_to_end, length_exponent=length_exponent))
+                            end_to_end=end_to_end, **{extra: extra in flags for extra in END_TO_END_EXTRAS}))
     if not out:
         raise AttnSwapError(f"empty attention spec {spec!r}; e.g. softmax,topk:k=64,entmax:alpha=1.5")
     return out

@@ -1,0 +1,189 @@
+"""The ``query_gain`` option: per query head, one factor per coordinate of its queries, applied on every path
+(reference, Triton kernel, ``StateCache`` decoding); trained end to end by ``calibrate(..., end_to_end=True,
+query_gain=True)`` as a gain per rotary frequency (both coordinates of a rotate-half pair share one), saved and
+reloaded exactly."""
+
+import json
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+import attnswap
+from attnswap.dispatch import constant_tensor
+from attnswap.registry import LearnedGain
+from tiny_models import left_padded_batch, logits, tiny_model
+
+SCORED = [("entmax", {"alpha": 1.5}), ("sparsemax", {}), ("topk", {"k": 4}), ("taylor", {})]
+
+
+@pytest.fixture(autouse=True)
+def _threads(one_thread):
+    yield
+
+
+def _inputs(seed=0, b=2, n=9, m=11, d=16):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(b, 4, n, d, generator=g), torch.randn(b, 2, m, d, generator=g),
+            torch.randn(b, 2, m, d, generator=g))
+
+
+def _gains(heads=4, d=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return tuple(tuple(float(x) for x in row) for row in torch.rand(heads, d, generator=g) * 2 + 0.2)
+
+
+@pytest.mark.parametrize("kind,options", SCORED)
+def test_the_gain_multiplies_each_coordinate_of_each_heads_queries(kind, options):
+    q, k, v = _inputs()
+    gains = _gains()
+    out = attnswap.attention(q, k, v, kind, causal=True, query_gain=gains, score_scale=(0.5, 1.0, 2.0, 3.0),
+                             **options)
+    factor = torch.tensor(gains)[None, :, None, :] * torch.tensor((0.5, 1.0, 2.0, 3.0)).view(1, 4, 1, 1)
+    torch.testing.assert_close(out, attnswap.attention(q * factor, k, v, kind, causal=True, **options),
+                               atol=1e-5, rtol=1e-5)
+    ones = ((1.0,) * 16,) * 4
+    assert torch.equal(attnswap.attention(q, k, v, kind, causal=True, query_gain=ones, **options),
+                       attnswap.attention(q, k, v, kind, causal=True, **options))
+    assert not torch.allclose(out, attnswap.attention(q, k, v, kind, causal=True, score_scale=(0.5, 1.0, 2.0, 3.0),
+                                                      **options), atol=1e-3)
+
+
+@settings(max_examples=25, deadline=None)
+@given(n=st.integers(1, 10), offset=st.integers(0, 20), seed=st.integers(0, 99))
+def test_a_learned_gain_commutes_with_rotate_half_rope(n, offset, seed):
+    """Pairs (i, i + d/2) share a gain, so gaining after RoPE is gaining before it: the scores stay a function of
+    the relative position."""
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
+
+    torch.manual_seed(seed)
+    model = tiny_model("llama")
+    rope = LlamaRotaryEmbedding(model.config)
+    d = model.config.hidden_size // model.config.num_attention_heads
+    q, k = torch.randn(1, 4, n, d), torch.randn(1, 4, n, d)
+    cos, sin = rope(q, torch.arange(offset, offset + n)[None])
+    learned = LearnedGain(4, d)
+    with torch.no_grad():
+        learned.log_gain.normal_()
+    gain = learned.factor("cpu")[None, :, None, :]
+    after, _ = apply_rotary_pos_emb(q, k, cos, sin)
+    before, _ = apply_rotary_pos_emb(q * gain, k, cos, sin)
+    torch.testing.assert_close(after * gain, before, atol=1e-5, rtol=1e-5)
+    assert torch.equal(gain[..., : d // 2], gain[..., d // 2:])
+
+
+def test_the_triton_kernel_honors_it():
+    pytest.importorskip("triton")
+    q, k, v = _inputs(2, b=1, n=16, m=16, d=32)  # a head dim the kernel takes
+    opts = dict(causal=True, score_scale=(0.7, 1.0, 1.5, 2.0), query_gain=_gains(d=32, seed=2), alpha=1.5)
+    torch.testing.assert_close(attnswap.attention(q, k, v, "entmax", impl="triton", **opts),
+                               attnswap.attention(q, k, v, "entmax", impl="torch", **opts), atol=1e-5, rtol=1e-5)
+
+
+def test_a_learned_gain_is_the_same_gain_and_gets_a_gradient():
+    q, k, v = _inputs(3)
+    learned = LearnedGain(4, 16)
+    with torch.no_grad():
+        learned.log_gain.uniform_(-0.5, 0.5)
+    out = attnswap.attention(q, k, v, "sparsemax", causal=True, query_gain=learned)
+    values = learned.values()
+    assert len(values) == 4 and all(len(row) == 16 and row[:8] == row[8:] for row in values)
+    torch.testing.assert_close(out, attnswap.attention(q, k, v, "sparsemax", causal=True, query_gain=values),
+                               atol=1e-5, rtol=1e-5)
+    out.square().sum().backward()
+    assert learned.log_gain.grad is not None and learned.log_gain.grad.abs().sum() > 0
+
+
+def test_the_gain_tensor_is_made_once_per_option_value():
+    gains = _gains()
+    first = constant_tensor(gains, "cpu")
+    assert constant_tensor(gains, "cpu") is first
+    copy = tuple(tuple(row) for row in gains)  # equal, another object: its own tensor, same numbers
+    assert constant_tensor(copy, "cpu") is not first and torch.equal(constant_tensor(copy, "cpu"), first)
+
+
+def test_query_gain_errors():
+    q = torch.randn(1, 4, 5, 8)
+    with pytest.raises(attnswap.AttnSwapError, match="'query_gain' needs scores"):
+        attnswap.attention(q, q, q, "linear", query_gain=((1.0,) * 8,) * 4)
+    with pytest.raises(attnswap.AttnSwapError, match=r"one row per query head.*\(Hq, head_dim\)"):
+        attnswap.attention(q, q, q, "entmax", query_gain=(1.0,) * 8)  # one flat row
+    with pytest.raises(attnswap.AttnSwapError, match="one row per query head"):
+        attnswap.attention(q, q, q, "entmax", query_gain=((1.0,) * 8, (1.0,) * 7))
+    with pytest.raises(attnswap.AttnSwapError, match="finite numbers > 0"):
+        attnswap.attention(q, q, q, "entmax", query_gain=((1.0,) * 8, (1.0,) * 7 + (0.0,), (1.0,) * 8, (1.0,) * 8))
+    with pytest.raises(attnswap.AttnSwapError, match=r"shape \(2, 8\).*4 query heads of dim 8"):
+        attnswap.attention(q, q, q, "entmax", query_gain=((1.0,) * 8,) * 2)
+    with pytest.raises(attnswap.AttnSwapError, match=r"shape \(4, 6\)"):
+        attnswap.attention(q, q, q, "entmax", query_gain=((1.0,) * 6,) * 4)
+    with pytest.raises(attnswap.AttnSwapError, match="even head dim"):
+        LearnedGain(4, 7)
+
+
+def test_decoding_with_the_state_cache_applies_it_as_the_full_forward():
+    from test_state_cache import dynamic, generate
+
+    model = tiny_model("llama")
+    ids, mask = left_padded_batch(model.config.vocab_size)
+    heads = model.config.num_attention_heads
+    d = model.config.hidden_size // heads
+    attnswap.swap_attention(model, "taylor", query_gain=_gains(heads, d, seed=4), score_scale=0.8)
+    ref = generate(model, ids, mask, cache=dynamic(model), output_scores=True)
+    out = generate(model, ids, mask, cache=attnswap.StateCache(model), output_scores=True)
+    assert torch.equal(out.sequences, ref.sequences)
+    torch.testing.assert_close(torch.stack(out.scores), torch.stack(ref.scores), atol=1e-4, rtol=1e-4)
+    attnswap.swap_attention(model, "taylor", score_scale=0.8)
+    assert not torch.allclose(torch.stack(generate(model, ids, mask, cache=dynamic(model),
+                                                   output_scores=True).scores), torch.stack(ref.scores), atol=1e-3)
+
+
+def test_end_to_end_calibration_trains_paired_gains_that_reload_exactly(tmp_path):
+    model = tiny_model("llama")
+    heads = model.config.num_attention_heads
+    d = model.config.hidden_size // heads
+    ids, mask = left_padded_batch(model.config.vocab_size)
+    data = torch.randint(1, model.config.vocab_size, (300,), generator=torch.Generator().manual_seed(1))
+    handle = attnswap.calibrate(model, "sparsemax", data, window=64, holdout=0, end_to_end=True,
+                                end_to_end_steps=4, query_gain=True, length_exponent=True)
+    assert handle.calibration["end_to_end"]["query_gain"] is True
+    for index, report in handle.calibration["layers"].items():
+        gains = handle.options_of(index)["query_gain"]
+        assert len(gains) == heads and all(len(row) == d and row[: d // 2] == row[d // 2:] for row in gains)
+        assert len(report["query_gain_spread"]) == heads and "length_exponent" in report
+    assert any(x != 1.0 for i in handle.layers for row in handle.options_of(i)["query_gain"] for x in row)
+    calibrated = logits(model, ids, mask)
+    saved = json.loads(attnswap.save_swap(model, tmp_path / "swap").read_text())
+    assert all(len(o["query_gain"]) == heads for o in saved["layer_options"].values())
+    fresh = tiny_model("llama")
+    attnswap.load_swap(fresh, tmp_path / "swap")
+    assert torch.equal(logits(fresh, ids, mask), calibrated)
+    plain = attnswap.calibrate(tiny_model("llama"), "sparsemax", data, window=64, holdout=0, end_to_end=True,
+                               end_to_end_steps=2)  # the default: no gains
+    assert plain.calibration["end_to_end"]["query_gain"] is False
+    assert all("query_gain" not in plain.options_of(i) for i in plain.layers)
+    with pytest.raises(attnswap.AttnSwapError, match="query_gain is trained by the end-to-end stage"):
+        attnswap.calibrate(tiny_model("llama"), "sparsemax", data, window=64, query_gain=True)
+    with pytest.raises(attnswap.AttnSwapError, match=r"calibrate's query_gain is True or False.*swap_attention\(model, kind, query_gain=...\)"):
+        attnswap.calibrate(tiny_model("llama"), "sparsemax", data, window=64, query_gain=((1.0,) * d,) * heads)
+
+
+def test_eval_spec_and_command_for_an_end_to_end_fit_with_query_gains(tiny_dir, tmp_path, capsys):
+    from attnswap.cli import main
+    from attnswap.evals.specs import parse_attn
+
+    spec, = parse_attn("entmax:alpha=1.5:calibrated:end_to_end:query_gain:length_exponent")
+    assert spec.end_to_end and spec.query_gain and spec.length_exponent and spec.options == {"alpha": 1.5}
+    assert spec.label == "entmax alpha=1.5 calibrated end-to-end length-exponent query-gain"
+    assert not parse_attn("entmax:calibrated:end_to_end")[0].query_gain
+    with pytest.raises(attnswap.AttnSwapError, match="query_gain goes with end_to_end"):
+        parse_attn("entmax:calibrated:query_gain")
+    out = tmp_path / "cal"
+    assert main(["calibrate", "--model", tiny_dir, "--attn", "sparsemax", "--out", str(out), "--window", "64",
+                 "--windows", "2", "--holdout", "0", "--end-to-end", "--end-to-end-steps", "2", "--query-gain"]) == 0
+    record = json.loads((out / "attnswap_swap.json").read_text())
+    assert record["calibration"]["end_to_end"]["query_gain"] is True
+    assert all("query_gain" in o for o in record["layer_options"].values())
+    capsys.readouterr()
+    assert main(["calibrate", "--model", tiny_dir, "--attn", "sparsemax", "--out", str(out), "--window", "64",
+                 "--query-gain"]) == 2
+    assert "end_to_end=True" in capsys.readouterr().err

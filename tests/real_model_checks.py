@@ -1,7 +1,10 @@
 """Real models of three families, shipped on PyPI (``attnswap.default_model.MODELS``): SmolLM2-135M (llama),
 Gemma 3 270M (gemma3: sliding-window and global layers, one KV head, head dim 256, q/k norms) and
 Qwen2.5-Coder-0.5B-Instruct (qwen2: biased q/k/v projections, 14 query heads on 2 KV heads). The softmax swap is
-exact on each, and a calibration fitted on one text lowers the perplexity of a swap on another."""
+exact on each, and a calibration fitted on one text lowers the perplexity of a swap on another.
+
+The checks live here; each model has its own test file (``test_pypi_<model>.py``) that imports them with a
+``real`` fixture of its model, so that ``pytest -n 2 --dist loadfile`` spreads the models over the workers."""
 
 import importlib.util
 import math
@@ -13,22 +16,20 @@ import attnswap
 from attnswap.default_model import MODELS, model_path
 from attnswap.evals.corpus import calibration_text, default_text
 
-pytestmark = pytest.mark.slow
-
 
 def _installed(key):
     return all(importlib.util.find_spec(p) is not None for p in MODELS[key].packages)
 
 
-@pytest.fixture(scope="module", params=["smollm2-135m", "gemma3-270m", "qwen2.5-coder-0.5b"])
-def real(request):
-    if not _installed(request.param):
-        pytest.skip(f"{request.param} is not installed ({MODELS[request.param].install})")
+def load(key):
+    """(key, the model in fp32 with eager attention, its tokenizer); skips when its packages are not installed."""
+    if not _installed(key):
+        pytest.skip(f"{key} is not installed ({MODELS[key].install})")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = model_path(request.param)
+    path = model_path(key)
     model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager", dtype=torch.float32).eval()
-    return request.param, model, AutoTokenizer.from_pretrained(path)
+    return key, model, AutoTokenizer.from_pretrained(path)
 
 
 def _ppl(model, ids, window=256):

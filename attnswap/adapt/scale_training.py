@@ -49,7 +49,7 @@ def train_scales(model, kind: str, windows: torch.Tensor, layer_options: dict, *
     if not (isinstance(steps, int) and steps >= 1) or not rates_ok:
         raise AttnSwapError(f"end-to-end calibration needs steps >= 1 and learning rates > 0, got steps={steps!r}, "
                             f"lr={lr!r}, gain_lr={gain_lr!r}")
-    heads, head_dim = _query_shape(model)
+    heads, head_dim = _query_shape(model) if query_gain else (None, None)
     learned = {}
     for layer, opts in layer_options.items():
         scales = opts[SCORE_SCALE] if isinstance(opts[SCORE_SCALE], tuple) else (opts[SCORE_SCALE],)
@@ -60,8 +60,8 @@ def train_scales(model, kind: str, windows: torch.Tensor, layer_options: dict, *
             learned[layer][QUERY_GAIN] = LearnedGain(heads, head_dim)
     handle = swap_attention(model, kind, layers=layers, impl=impl, layer_options=learned, **options)
     teacher = teacher_targets(model, handle, windows, top=DEFAULT_TOP, progress=progress)
-    params = [value.log_scale if isinstance(value, LearnedScale) else value.exponent
-              for opts in learned.values() for value in opts.values() if not isinstance(value, LearnedGain)]
+    params = [opts[SCORE_SCALE].log_scale for opts in learned.values()]
+    params += [opts[LENGTH_EXPONENT].exponent for opts in learned.values() if LENGTH_EXPONENT in opts]
     gains = [opts[QUERY_GAIN].log_gain for opts in learned.values() if QUERY_GAIN in opts]
     frozen = {p: p.requires_grad for p in model.parameters()}
     device = next(model.parameters()).device

@@ -290,7 +290,8 @@ def cmd_adapt(args) -> int:
     else:
         fit = dict(holdout=args.holdout, end_to_end_steps=args.end_to_end_steps, end_to_end_lr=args.end_to_end_lr)
         settings.update({k: v for k, v in fit.items() if v is not None}, end_to_end=args.end_to_end,
-                        length_exponent=args.length_exponent, query_gain=args.query_gain)
+                        length_exponent=args.length_exponent, query_gain=args.query_gain,
+                        output_gain=args.output_gain)
     start = time.perf_counter()
     handle = (calibrate if what == "calibrate" else transfer)(model, spec.kind, ids, **settings, **spec.options)
     seconds = time.perf_counter() - start
@@ -470,6 +471,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "query sees")
     p.add_argument("--query-gain", action="store_true",
                    help="with --end-to-end, also train a gain per rotary frequency of each head's queries")
+    p.add_argument("--output-gain", action="store_true",
+                   help="with --end-to-end, also train a gain on each head's attention output")
     p = sub.add_parser("transfer", help="learn query/key maps for linear, taylor or window_linear (attention "
                                         "transfer), save the swap")
     _add_adapt_args(p, example="window_linear", windows=8)

@@ -23,12 +23,29 @@ _broken: set = set()  # kinds whose kernel failed on this machine
 def warn_once(key, message: str) -> None:
     if key not in _warned:
         _warned.add(key)
-        warnings.warn(message, stacklevel=3)
+        warnings.warn(message, stacklevel=4)  # the caller of run (run -> run_kind -> warn_once)
 
 
-def run(kind: Kind, options: dict, query, key, value, vis: Visibility, *, scaling: float, softcap=None,
-        sinks=None, dropout: float = 0.0, need_weights: bool = False, impl: str = "auto", module=None):
-    """Attention of ``kind``: returns ``(out (b,Hq,n,dv) in query.dtype, weights (b,Hq,n,m) | None)``.
+def run(kind: Kind, options: dict, query, key, value, vis: Visibility, **kw):
+    """Attention of ``kind``: returns ``(out (b,Hq,n,dv) in query.dtype, weights (b,Hq,n,m) | None)``; the path
+    (``run_kind``), then an ``output_gain`` on each head's output."""
+    if registry.OUTPUT_GAIN not in options:
+        return run_kind(kind, options, query, key, value, vis, **kw)
+    options = dict(options)
+    gain = options.pop(registry.OUTPUT_GAIN)
+    out, weights = run_kind(kind, options, query, key, value, vis, **kw)
+    return gain_outputs(out, gain), weights
+
+
+def gain_outputs(out: torch.Tensor, gain) -> torch.Tensor:
+    """out (b, Hq, n, dv) times an ``output_gain`` (None: as it is): one number, one per query head, or a
+    ``LearnedScale`` (computed in fp32; differentiable in a learned gain)."""
+    return scale_heads(out, gain, registry.OUTPUT_GAIN)
+
+
+def run_kind(kind: Kind, options: dict, query, key, value, vis: Visibility, *, scaling: float, softcap=None,
+             sinks=None, dropout: float = 0.0, need_weights: bool = False, impl: str = "auto", module=None):
+    """Attention of ``kind`` (options without an output gain) on the path for this call.
 
     The path: (1) torch's fused SDPA, one call, when the kind is plain softmax on this call and SDPA expresses it as
     given (``sdpa_attention``) and is the faster path here (``prefer_sdpa``); else (2) the kind's Triton kernel on
@@ -176,13 +193,21 @@ def per_head(value, name: str, heads: int, device):
 def scale_queries(query: torch.Tensor, scale) -> torch.Tensor:
     """query (b, Hq, n, d) times a score scale: one number, one per query head, or a ``LearnedScale`` (computed in
     fp32; differentiable in the learned scale)."""
-    factor = per_head(scale, registry.SCORE_SCALE, query.shape[1], query.device)
+    return scale_heads(query, scale, registry.SCORE_SCALE)
+
+
+def scale_heads(x: torch.Tensor, value, name: str) -> torch.Tensor:
+    """x (b, H, n, d) times a per-head option ``name``'s value (one number, one per head, or a ``LearnedScale``),
+    in fp32; None leaves x as it is."""
+    if value is None:
+        return x
+    factor = per_head(value, name, x.shape[1], x.device)
     if isinstance(factor, float):
         if factor == 1.0:
-            return query
+            return x
     else:
         factor = factor.view(1, -1, 1, 1)
-    return (query.float() * factor).to(query.dtype)
+    return (x.float() * factor).to(x.dtype)
 
 
 _CONSTANTS: dict = {}  # (id(value), device) -> (value, its fp32 tensor)

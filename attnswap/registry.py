@@ -97,12 +97,14 @@ class Kind:
         number, or one per query head, ``e``, by which that scale grows with the number ``n`` of keys a query sees,
         ``score_scale * (n / LENGTH_REF) ** e`` (what ``calibrate(..., end_to_end=True)`` trains), and
         ``query_gain``: per query head, one factor per coordinate of its queries, ``(Hq, head_dim)`` numbers (what
-        ``calibrate(..., end_to_end=True, query_gain=True)`` trains)."""
+        ``calibrate(..., end_to_end=True, query_gain=True)`` trains). Every kind takes ``output_gain``: one positive
+        number, or one per query head, multiplying the head's attention output (``output_gain=True`` trains it)."""
         # an alias's pinned value (sparsemax: alpha=2) may come back in resolved options: accept it as it is
         options = {k: v for k, v in options.items() if not (k in self.fixed and v == self.fixed[k])}
         scale = options.pop(SCORE_SCALE, None)
         exponent = options.pop(LENGTH_EXPONENT, None)
         gain = options.pop(QUERY_GAIN, None)
+        output_gain = options.pop(OUTPUT_GAIN, None)
         projection = options.pop(FEATURE_PROJ, None)
         if projection is not None and not isinstance(projection, FeatureProjection):
             raise AttnSwapError(f"option {FEATURE_PROJ!r} must be an attnswap.registry.FeatureProjection (what "
@@ -126,6 +128,8 @@ class Kind:
             resolved[LENGTH_EXPONENT] = validate_length_exponent(self.name, exponent)
         if gain is not None:
             resolved[QUERY_GAIN] = validate_query_gain(self.name, gain)
+        if output_gain is not None:
+            resolved[OUTPUT_GAIN] = validate_score_scale(self.name, output_gain, OUTPUT_GAIN)
         if projection is not None:
             resolved[FEATURE_PROJ] = projection
         return resolved
@@ -161,8 +165,9 @@ SCORE_SCALE = "score_scale"
 
 
 class LearnedScale:
-    """A per-head score scale being trained (``attnswap.calibrate(..., end_to_end=True)``): ``exp(log_scale)``,
-    differentiable, so the scale stays positive; a ``score_scale`` value while it trains."""
+    """A per-head score scale (or output gain) being trained (``attnswap.calibrate(..., end_to_end=True)``):
+    ``exp(log_scale)``, differentiable, so it stays positive; a ``score_scale`` (``output_gain``) value while it
+    trains."""
 
     def __init__(self, scales):
         self.log_scale = torch.tensor(scales, dtype=torch.float32).log().requires_grad_(True)
@@ -199,6 +204,7 @@ class LearnedExponent:
 
 
 QUERY_GAIN = "query_gain"
+OUTPUT_GAIN = "output_gain"  # per head, on the attention output (a LearnedScale while it trains)
 
 
 class LearnedGain:
@@ -262,11 +268,12 @@ def _per_head_numbers(where: str, value, valid, wanted: str):
     return values[0] if single else tuple(values)
 
 
-def validate_score_scale(kind: str, value):
-    """A positive number, or one per query head -> float or tuple; a ``LearnedScale`` as it is."""
+def validate_score_scale(kind: str, value, name: str = SCORE_SCALE):
+    """A positive number, or one per query head -> float or tuple; a ``LearnedScale`` as it is (``score_scale``,
+    or ``output_gain`` with ``name``)."""
     if isinstance(value, LearnedScale):
         return value
-    return _per_head_numbers(f"option {SCORE_SCALE!r} of attention kind {kind!r}", value,
+    return _per_head_numbers(f"option {name!r} of attention kind {kind!r}", value,
                              lambda v: 0 < v < float("inf"), "finite and > 0")
 
 

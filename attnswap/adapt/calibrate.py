@@ -17,9 +17,9 @@ scales, the layer-wise scales and, with ``end_to_end``, the scales trained throu
 calibration that does not help is dropped. The report says which heads and which stage were kept.
 
 The scales become the swap's per-layer option ``score_scale`` (``handle.options_of(layer)``), and the end-to-end
-stage's growth of each scale with the number of keys a query sees its ``length_exponent`` and its per-frequency
-query gains its ``query_gain``, applied by every path (reference, Triton kernels, ``StateCache`` decoding) on the
-queries.
+stage's growth of each scale with the number of keys a query sees its ``length_exponent``, its per-frequency
+query gains its ``query_gain`` (applied by every path - reference, Triton kernels, ``StateCache`` decoding - on the
+queries) and its per-head output gains its ``output_gain`` (on each head's output).
 """
 
 from __future__ import annotations
@@ -190,7 +190,7 @@ def _search(kind, options, calls) -> tuple[tuple, torch.Tensor, torch.Tensor]:
 def calibrate(model, kind: str, data, *, tokenizer=None, window: int = DEFAULT_WINDOW,
               max_windows: int = DEFAULT_WINDOWS, holdout: float = HOLDOUT, end_to_end: bool = False,
               end_to_end_steps: int | None = None, end_to_end_lr: float | None = None, length_exponent: bool = False,
-              query_gain: bool = False, layers=None, impl: str = "auto", progress: bool = False, **options):
+              query_gain: bool = False, output_gain: bool = False, layers=None, impl: str = "auto", progress: bool = False, **options):
     """Swap ``model`` to ``kind`` with a score scale per layer and query head fitted on ``data``; returns the handle.
 
     ``data``: token ids or text (with ``tokenizer``); ``window`` tokens per calibration sequence, at most
@@ -198,7 +198,8 @@ def calibrate(model, kind: str, data, *, tokenizer=None, window: int = DEFAULT_W
     to check the fit on (see the module docstring). ``end_to_end``: then train the scales through the whole model
     on the fit windows (``scale_training.train_scales``; ``end_to_end_steps``, ``end_to_end_lr``), with
     ``length_exponent`` also a per-head growth of each scale with the number of keys a query sees, with
-    ``query_gain`` also a gain per rotary frequency of each head's queries (``scale_training``).
+    ``query_gain`` also a gain per rotary frequency of each head's queries, with ``output_gain`` a gain on each
+    head's output (``scale_training``).
     ``handle.calibration`` holds the scales, which heads kept a fitted scale, the relative output error per layer
     before and after (on the held-back windows when there are any) and, with held-back windows, the next-token
     loss there of each stage (``"uncalibrated"``, ``"layer-wise"``, ``"end-to-end"``) and the one kept (``kept``:
@@ -214,7 +215,9 @@ def calibrate(model, kind: str, data, *, tokenizer=None, window: int = DEFAULT_W
                             f"{calibrated}); for linear attention use attnswap.transfer")
     if registry.SCORE_SCALE in options:
         raise AttnSwapError("calibrate fits score_scale itself; do not pass it")
-    for name, wanted in ((registry.LENGTH_EXPONENT, length_exponent), (registry.QUERY_GAIN, query_gain)):
+    extras = {registry.LENGTH_EXPONENT: length_exponent, registry.QUERY_GAIN: query_gain,
+              registry.OUTPUT_GAIN: output_gain}
+    for name, wanted in extras.items():
         if not isinstance(wanted, bool):  # a value: calibrate trains it; a swap takes given values
             raise AttnSwapError(f"calibrate's {name} is True or False (whether the end-to-end stage trains it), got "
                                 f"{wanted!r:.80}; to use values of your own, swap_attention(model, kind, {name}=...)")
@@ -240,14 +243,14 @@ def calibrate(model, kind: str, data, *, tokenizer=None, window: int = DEFAULT_W
         steps = DEFAULT_STEPS if end_to_end_steps is None else end_to_end_steps
         lr = DEFAULT_LR if end_to_end_lr is None else end_to_end_lr
         stages["end-to-end"], losses = train_scales(model, kind, fit_ids, layer_options, layers=layers, impl=impl,
-                                                    steps=steps, lr=lr, length_exponent=length_exponent,
-                                                    query_gain=query_gain, progress=progress, **options)
-        extra["end_to_end"] = {"steps": steps, "lr": lr, "length_exponent": length_exponent, "query_gain": query_gain,
-                               "loss_first": losses[0], "loss_last": losses[-1]}
+                                                    steps=steps, lr=lr, progress=progress, **extras, **options)
+        extra["end_to_end"] = {"steps": steps, "lr": lr, **extras, "loss_first": losses[0], "loss_last": losses[-1]}
         for index, opts in stages["end-to-end"].items():
             report[index]["end_to_end_scale"] = list(opts[registry.SCORE_SCALE])
             if registry.LENGTH_EXPONENT in opts:
                 report[index]["length_exponent"] = list(opts[registry.LENGTH_EXPONENT])
+            if registry.OUTPUT_GAIN in opts:
+                report[index]["output_gain"] = list(opts[registry.OUTPUT_GAIN])
             if registry.QUERY_GAIN in opts:  # the spread of each head's gains (the gains are in the options)
                 report[index]["query_gain_spread"] = [round(float(torch.tensor(row).std()), 4)
                                                       for row in opts[registry.QUERY_GAIN]]

@@ -11,7 +11,7 @@ import torch
 from ..api import swapped
 from ..errors import AttnSwapError
 from ..progress import progress_bar
-from .specs import AttnSpec
+from .specs import END_TO_END_EXTRAS, AttnSpec
 
 
 def load_tokenizer(path: str):
@@ -69,7 +69,7 @@ def applied(model, spec: AttnSpec):
         fit = calibrate if spec.calibrated else transfer
         settings = {k: v for k, v in spec.fit_settings.items() if spec.transferred or k != "steps"}
         if spec.end_to_end:
-            settings.update(end_to_end=True, length_exponent=spec.length_exponent, query_gain=spec.query_gain)
+            settings.update(end_to_end=True, **{extra: getattr(spec, extra) for extra in END_TO_END_EXTRAS})
         handle = fit(model, spec.kind, spec.calibration_ids, layers=spec.layers, progress=True, **settings,
                      **spec.options)
         spec.fitted = handle.layer_options

@@ -22,6 +22,7 @@ class AttnSpec:
     end_to_end: bool = False  # calibrated: then train the scales through the whole model
     length_exponent: bool = False  # end to end: also each head's growth of its scale with the context
     query_gain: bool = False  # end to end: also a gain per rotary frequency of each head's queries
+    output_gain: bool = False  # end to end: also a gain on each head's output
     swap_dir: str | None = None  # a swap saved with attnswap.save_swap
     calibration_ids: Any = None
     fit_settings: dict = field(default_factory=dict)  # window, max_windows (and steps) for calibrate / transfer
@@ -36,10 +37,11 @@ class AttnSpec:
         opts = "".join(f" {k}={v}" for k, v in self.options.items())
         return f"{self.kind}{opts}" + (" calibrated" if self.calibrated else "") + (
             " end-to-end" if self.end_to_end else "") + (" length-exponent" if self.length_exponent else "") + (
-            " query-gain" if self.query_gain else "") + (" transferred" if self.transferred else "")
+            " query-gain" if self.query_gain else "") + (" output-gain" if self.output_gain else "") + (
+            " transferred" if self.transferred else "")
 
 
-END_TO_END_EXTRAS = ("length_exponent", "query_gain")  # what the end-to-end stage may also train
+END_TO_END_EXTRAS = ("length_exponent", "query_gain", "output_gain")  # what the end-to-end stage may also train
 FLAGS = ("calibrated", "transferred", "end_to_end") + END_TO_END_EXTRAS
 
 _LAYER_ITEM = re.compile(r"^\s*(\d+)\s*(?:-\s*(\d+)\s*)?$")
@@ -60,7 +62,8 @@ def parse_attn(spec: str, layers: list[int] | str | None = None) -> list[AttnSpe
     ``kind:...:calibrated`` fits per-head score scales first (``attnswap.calibrate``; ``:calibrated:end_to_end``
     then trains them through the whole model, ``:calibrated:end_to_end:length_exponent`` with a per-head growth of
     each scale with the context, ``:calibrated:end_to_end:query_gain`` with a gain per rotary frequency of each
-    head's queries; the two combine), ``kind:...:transferred``
+    head's queries, ``:calibrated:end_to_end:output_gain`` with a gain on each head's output; they combine),
+    ``kind:...:transferred``
     learns query/key maps first (``attnswap.transfer``); ``saved:DIR`` loads a swap
     saved with ``attnswap.save_swap`` (or ``attnswap calibrate --out DIR``)."""
     out = []

@@ -23,11 +23,11 @@ from contextvars import ContextVar
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache, DynamicLayer
 
-from ..dispatch import prepare_qk, project
+from ..dispatch import gain_outputs, prepare_qk, project
 from ..errors import AttnSwapError
 from ..kinds.chunked import grouped_matmul
 from ..kinds.feature_map import prefix_parts
-from ..registry import FEATURE_PROJ
+from ..registry import FEATURE_PROJ, OUTPUT_GAIN
 from .masks import model_visibility
 
 _PENDING: ContextVar = ContextVar("attnswap_state_layer", default=None)
@@ -331,8 +331,9 @@ def state_attention(layer: StateLayer, spec, query, key, value, attention_mask, 
         if _fused_step_applies(query, key, value, layer, new_mask):
             out = _fused_step(layer, phi, eps, sink_weight, sinks, query, key, value, real)
             _count(layer, real, q, b, key.device)
-            return out
+            return gain_outputs(out, spec.options.get(OUTPUT_GAIN))
         out = _with_state(layer, phi, eps, sink_weight, sinks, query, key, value, new_mask, is_causal, groups)
+        out = gain_outputs(out, spec.options.get(OUTPUT_GAIN))  # (the prefill's run_attention applied it)
     _fold(layer, phi, key, value, real)
     return out
 
@@ -362,6 +363,7 @@ def _window_attention(layer: WindowStateLayer, spec, query, key, value, attentio
         out = cached_step(query, rows, real, layer.state, layer.norm, causal=is_causal, window=window,
                           sink_tokens=sink_tokens, phi=phi, eps=eps, scaling=scaling, softcap=softcap, sinks=sinks,
                           projection=projection)
+        out = gain_outputs(out, spec.options.get(OUTPUT_GAIN))
     layer.absorb(rows, real, q, window=window, sink_tokens=sink_tokens, phi=phi, projection=projection)
     return out
 

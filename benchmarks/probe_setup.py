@@ -1,4 +1,4 @@
-"""For calibration probes (``probe_null_sink.py``; the query-gain probe became ``calibrate(..., query_gain=True)``):
+"""For calibration probes (``probe_null_sink.py``; the query- and output-gain probes became options of ``calibrate``):
 the model and texts, the perplexity, the layer-wise start, and the end-to-end training of the per-head scales with
 a probe's extra parameters, on the same distillation loss and steps as ``calibrate(..., end_to_end=True)``.
 
@@ -17,8 +17,8 @@ import torch
 import attnswap
 from attnswap.adapt.calibrate import calibration_windows, next_token_loss, split_windows
 from attnswap.adapt.finetune import DEFAULT_TOP, distill_loss, run_steps, teacher_targets
-from attnswap.adapt.scale_training import DEFAULT_GAIN_LR, DEFAULT_LR as SCALE_LR
-from attnswap.registry import QUERY_GAIN, SCORE_SCALE, LearnedGain, LearnedScale
+from attnswap.adapt.scale_training import DEFAULT_LR as SCALE_LR
+from attnswap.registry import SCORE_SCALE, LearnedScale
 
 
 class Probe:
@@ -67,32 +67,25 @@ class Probe:
     def held_loss(self) -> float:
         return next_token_loss(self.model, self.held)
 
-    def train(self, label: str, extra: list, extra_lr: float, steps: int,
-              query_gain: bool = False) -> tuple[list[float], float]:
-        """Swap to the layer-wise scales as ``LearnedScale``s (with ``query_gain``, also ``LearnedGain``s, as
-        ``calibrate(..., query_gain=True)`` trains them), then train them with ``extra`` (the probe's own tensors,
-        which its wrapped ``run`` applies; at ``extra_lr``) end to end for ``steps``; prints the held-back loss
-        before and the losses, held-back loss and perplexity ratio after. Returns (losses, ratio)."""
+    def train(self, label: str, extra: list, extra_lr: float, steps: int) -> tuple[list[float], float]:
+        """Swap to the layer-wise scales as ``LearnedScale``s, then train them with ``extra`` (the probe's own
+        tensors, which its wrapped ``run`` applies; at ``extra_lr``) end to end for ``steps``; prints the
+        held-back loss before and the losses, held-back loss and perplexity ratio after. Returns (losses, ratio)."""
         learned = {i: {SCORE_SCALE: LearnedScale(o[SCORE_SCALE] if isinstance(o.get(SCORE_SCALE), tuple)
                                                  else (o.get(SCORE_SCALE, 1.0),) * self.heads)}
                    for i, o in self.layer_wise.items()}
-        if query_gain:
-            for opts in learned.values():
-                opts[QUERY_GAIN] = LearnedGain(self.heads, self.head_dim)
         handle = attnswap.swap_attention(self.model, self.kind, layer_options=learned, **self.opts)
         teacher = teacher_targets(self.model, handle, self.fit, top=DEFAULT_TOP)
         print(f"{label}: held-back loss at start {self.held_loss():.4f}", flush=True)
         for p in self.model.parameters():
             p.requires_grad_(False)
         params = [v[SCORE_SCALE].log_scale for v in learned.values()]
-        gains = [v[QUERY_GAIN].log_gain for v in learned.values() if QUERY_GAIN in v]
-        groups = [{"params": params, "lr": SCALE_LR}] + ([{"params": extra, "lr": extra_lr}] if extra else []) + (
-            [{"params": gains, "lr": DEFAULT_GAIN_LR}] if gains else [])
+        groups = [{"params": params, "lr": SCALE_LR}] + ([{"params": extra, "lr": extra_lr}] if extra else [])
         fit, model = self.fit, self.model
         t1 = time.time()
         losses = run_steps(lambda st: distill_loss(model(input_ids=fit[st % fit.shape[0]][None],
                                                          use_cache=False).logits, teacher[st % fit.shape[0]]),
-                           params + extra + gains, torch.optim.Adam(groups), steps, "e2e", False)
+                           params + extra, torch.optim.Adam(groups), steps, "e2e", False)
         ratio = self.ppl() / self.own
         print(f"{label}: loss {losses[0]:.4f} -> {losses[-1]:.4f} in {time.time() - t1:.0f}s; held-back loss "
               f"{self.held_loss():.4f}; ppl {ratio:.4f}x", flush=True)

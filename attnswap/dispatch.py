@@ -144,8 +144,9 @@ INPUT_OPTIONS = (registry.SCORE_SCALE, registry.LENGTH_EXPONENT, registry.QUERY_
 def prepare_qk(options: dict, query: torch.Tensor, key: torch.Tensor, keep_projection: bool = False, counts=None):
     """Apply the options that act on the inputs rather than on the kind: a learned ``feature_proj`` on queries and
     keys (unless the kind applies it itself: ``keep_projection``), then a ``score_scale`` (and its
-    ``length_exponent``) and a ``query_gain`` on the queries. ``counts``: a function giving the number of keys each query sees, as
-    ``Visibility.key_counts`` does (needed only with a length exponent). Returns (query, key, the remaining options)."""
+    ``length_exponent``) and a ``query_gain`` on the queries. ``counts``: a function giving the number of keys each
+    query sees, as ``Visibility.key_counts`` does (needed only with a length exponent). Returns (query, key, the
+    remaining options)."""
     options = dict(options)
     projection = None if keep_projection else options.pop(registry.FEATURE_PROJ, None)
     if projection is not None:

@@ -163,7 +163,8 @@ def test_end_to_end_calibration_trains_paired_gains_that_reload_exactly(tmp_path
     assert all("query_gain" not in plain.options_of(i) for i in plain.layers)
     with pytest.raises(attnswap.AttnSwapError, match="query_gain is trained by the end-to-end stage"):
         attnswap.calibrate(tiny_model("llama"), "sparsemax", data, window=64, query_gain=True)
-    with pytest.raises(attnswap.AttnSwapError, match=r"calibrate's query_gain is True or False.*swap_attention\(model, kind, query_gain=...\)"):
+    with pytest.raises(attnswap.AttnSwapError,
+                       match=r"calibrate's query_gain is True or False.*swap_attention\(model, kind, query_gain=...\)"):
         attnswap.calibrate(tiny_model("llama"), "sparsemax", data, window=64, query_gain=((1.0,) * d,) * heads)
 
 

@@ -190,7 +190,8 @@ def _search(kind, options, calls) -> tuple[tuple, torch.Tensor, torch.Tensor]:
 def calibrate(model, kind: str, data, *, tokenizer=None, window: int = DEFAULT_WINDOW,
               max_windows: int = DEFAULT_WINDOWS, holdout: float = HOLDOUT, end_to_end: bool = False,
               end_to_end_steps: int | None = None, end_to_end_lr: float | None = None, length_exponent: bool = False,
-              query_gain: bool = False, output_gain: bool = False, layers=None, impl: str = "auto", progress: bool = False, **options):
+              query_gain: bool = False, output_gain: bool = False, layers=None, impl: str = "auto",
+              progress: bool = False, **options):
     """Swap ``model`` to ``kind`` with a score scale per layer and query head fitted on ``data``; returns the handle.
 
     ``data``: token ids or text (with ``tokenizer``); ``window`` tokens per calibration sequence, at most

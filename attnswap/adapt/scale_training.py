@@ -100,6 +100,6 @@ def _query_shape(model) -> tuple[int, int]:
     heads = getattr(config, "num_attention_heads", None)
     head_dim = getattr(config, "head_dim", None) or (getattr(config, "hidden_size", 0) // heads if heads else None)
     if not heads or not head_dim:
-        raise AttnSwapError("query and output gains need the model's number of attention heads and head dim, and its config "
-                            "names neither (num_attention_heads, head_dim / hidden_size)")
+        raise AttnSwapError("query and output gains need the model's number of attention heads and head dim, and "
+                            "its config names neither (num_attention_heads, head_dim / hidden_size)")
     return heads, head_dim

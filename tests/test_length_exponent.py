@@ -12,7 +12,7 @@ import attnswap
 from attnswap.kinds import visibility
 from attnswap.kinds.visibility import Visibility
 from attnswap.registry import LENGTH_REF, LearnedExponent
-from tiny_models import left_padded_batch, logits, tiny_model
+from tiny_models import gqa_inputs, left_padded_batch, logits, tiny_model
 
 SCORED = [("entmax", {"alpha": 1.5}), ("sparsemax", {}), ("topk", {"k": 4}), ("taylor", {})]
 
@@ -64,15 +64,9 @@ def test_key_counts_are_the_visible_keys(n, extra, causal, window, mask, block, 
     assert torch.equal(torch.broadcast_tensors(got, want)[0], torch.broadcast_tensors(want, got)[0])
 
 
-def _inputs(seed=0, b=2, n=9, m=11, d=16):
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randn(b, 4, n, d, generator=g), torch.randn(b, 2, m, d, generator=g),
-            torch.randn(b, 2, m, d, generator=g))
-
-
 @pytest.mark.parametrize("kind,options", SCORED)
 def test_the_scale_grows_with_the_keys_each_query_sees(kind, options):
-    q, k, v = _inputs()
+    q, k, v = gqa_inputs()
     scales, exponents = (0.5, 1.0, 2.0, 3.0), (0.0, 0.3, -0.5, 1.0)
     out = attnswap.attention(q, k, v, kind, causal=True, score_scale=scales, length_exponent=exponents, **options)
     seen = torch.arange(9) + 2 + 1.0  # causal, lower-right: query i sees keys 0 .. i + 2
@@ -86,7 +80,7 @@ def test_the_scale_grows_with_the_keys_each_query_sees(kind, options):
 
 
 def test_a_padding_mask_counts_only_the_keys_left():
-    q, k, v = _inputs(1)
+    q, k, v = gqa_inputs(1)
     mask = torch.ones(2, 1, 1, 11, dtype=torch.bool)
     mask[1, ..., :4] = False  # row 1: its first four keys are padding
     out = attnswap.attention(q, k, v, "entmax", mask=mask, causal=True, length_exponent=0.5, alpha=1.5)
@@ -99,14 +93,14 @@ def test_a_padding_mask_counts_only_the_keys_left():
 
 def test_the_triton_kernel_honors_it():
     pytest.importorskip("triton")
-    q, k, v = _inputs(2, b=1, n=16, m=16, d=32)  # a head dim the kernel takes
+    q, k, v = gqa_inputs(2, b=1, n=16, m=16, d=32)  # a head dim the kernel takes
     opts = dict(causal=True, score_scale=(0.7, 1.0, 1.5, 2.0), length_exponent=(0.4, -0.2, 0.0, 0.8), alpha=1.5)
     torch.testing.assert_close(attnswap.attention(q, k, v, "entmax", impl="triton", **opts),
                                attnswap.attention(q, k, v, "entmax", impl="torch", **opts), atol=1e-5, rtol=1e-5)
 
 
 def test_a_learned_exponent_is_the_same_exponent_and_gets_a_gradient():
-    q, k, v = _inputs(3)
+    q, k, v = gqa_inputs(3)
     exponents = (0.1, -0.2, 0.3, 0.0)
     learned = LearnedExponent(exponents)
     out = attnswap.attention(q, k, v, "sparsemax", causal=True, length_exponent=learned)

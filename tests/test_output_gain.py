@@ -9,7 +9,7 @@ import torch
 
 import attnswap
 from attnswap.registry import LearnedScale
-from tiny_models import left_padded_batch, logits, tiny_model
+from tiny_models import gqa_inputs, left_padded_batch, logits, tiny_model
 
 GAINS = (0.5, 1.0, 1.7, 3.0)
 
@@ -19,16 +19,10 @@ def _threads(one_thread):
     yield
 
 
-def _inputs(seed=0, b=2, n=9, m=11, d=16):
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randn(b, 4, n, d, generator=g), torch.randn(b, 2, m, d, generator=g),
-            torch.randn(b, 2, m, d, generator=g))
-
-
 @pytest.mark.parametrize("kind,options", [("softmax", {}), ("entmax", {"alpha": 1.5}), ("topk", {"k": 4}),
                                           ("taylor", {}), ("linear", {}), ("window_linear", {"local_window": 3})])
 def test_the_gain_multiplies_each_heads_output(kind, options):
-    q, k, v = _inputs()
+    q, k, v = gqa_inputs()
     out = attnswap.attention(q, k, v, kind, causal=True, output_gain=GAINS, **options)
     plain = attnswap.attention(q, k, v, kind, causal=True, **options)
     torch.testing.assert_close(out, plain * torch.tensor(GAINS).view(1, 4, 1, 1), atol=1e-6, rtol=1e-6)
@@ -38,14 +32,14 @@ def test_the_gain_multiplies_each_heads_output(kind, options):
 
 def test_the_triton_kernel_path_honors_it():
     pytest.importorskip("triton")
-    q, k, v = _inputs(2, b=1, n=16, m=16, d=32)
+    q, k, v = gqa_inputs(2, b=1, n=16, m=16, d=32)
     opts = dict(causal=True, output_gain=GAINS, score_scale=(0.7, 1.0, 1.5, 2.0), alpha=1.5)
     torch.testing.assert_close(attnswap.attention(q, k, v, "entmax", impl="triton", **opts),
                                attnswap.attention(q, k, v, "entmax", impl="torch", **opts), atol=1e-5, rtol=1e-5)
 
 
 def test_a_learned_gain_is_the_same_gain_and_gets_a_gradient():
-    q, k, v = _inputs(3)
+    q, k, v = gqa_inputs(3)
     learned = LearnedScale(GAINS)
     out = attnswap.attention(q, k, v, "sparsemax", causal=True, output_gain=learned)
     torch.testing.assert_close(out, attnswap.attention(q, k, v, "sparsemax", causal=True, output_gain=GAINS),

@@ -12,7 +12,7 @@ from hypothesis import given, settings, strategies as st
 import attnswap
 from attnswap.dispatch import constant_tensor
 from attnswap.registry import LearnedGain
-from tiny_models import left_padded_batch, logits, tiny_model
+from tiny_models import gqa_inputs, left_padded_batch, logits, tiny_model
 
 SCORED = [("entmax", {"alpha": 1.5}), ("sparsemax", {}), ("topk", {"k": 4}), ("taylor", {})]
 
@@ -22,12 +22,6 @@ def _threads(one_thread):
     yield
 
 
-def _inputs(seed=0, b=2, n=9, m=11, d=16):
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randn(b, 4, n, d, generator=g), torch.randn(b, 2, m, d, generator=g),
-            torch.randn(b, 2, m, d, generator=g))
-
-
 def _gains(heads=4, d=16, seed=0):
     g = torch.Generator().manual_seed(seed)
     return tuple(tuple(float(x) for x in row) for row in torch.rand(heads, d, generator=g) * 2 + 0.2)
@@ -35,7 +29,7 @@ def _gains(heads=4, d=16, seed=0):
 
 @pytest.mark.parametrize("kind,options", SCORED)
 def test_the_gain_multiplies_each_coordinate_of_each_heads_queries(kind, options):
-    q, k, v = _inputs()
+    q, k, v = gqa_inputs()
     gains = _gains()
     out = attnswap.attention(q, k, v, kind, causal=True, query_gain=gains, score_scale=(0.5, 1.0, 2.0, 3.0),
                              **options)
@@ -74,14 +68,14 @@ def test_a_learned_gain_commutes_with_rotate_half_rope(n, offset, seed):
 
 def test_the_triton_kernel_honors_it():
     pytest.importorskip("triton")
-    q, k, v = _inputs(2, b=1, n=16, m=16, d=32)  # a head dim the kernel takes
+    q, k, v = gqa_inputs(2, b=1, n=16, m=16, d=32)  # a head dim the kernel takes
     opts = dict(causal=True, score_scale=(0.7, 1.0, 1.5, 2.0), query_gain=_gains(d=32, seed=2), alpha=1.5)
     torch.testing.assert_close(attnswap.attention(q, k, v, "entmax", impl="triton", **opts),
                                attnswap.attention(q, k, v, "entmax", impl="torch", **opts), atol=1e-5, rtol=1e-5)
 
 
 def test_a_learned_gain_is_the_same_gain_and_gets_a_gradient():
-    q, k, v = _inputs(3)
+    q, k, v = gqa_inputs(3)
     learned = LearnedGain(4, 16)
     with torch.no_grad():
         learned.log_gain.uniform_(-0.5, 0.5)

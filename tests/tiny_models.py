@@ -205,3 +205,10 @@ def logits(model, ids, mask=None):
     """The model's logits for ``ids`` (and an attention mask), without gradients."""
     with torch.no_grad():
         return model(ids, attention_mask=mask).logits
+
+
+def gqa_inputs(seed=0, b=2, n=9, m=11, d=16):
+    """Random query (b, 4, n, d), key and value (b, 2, m, d): four query heads on two KV heads."""
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(b, 4, n, d, generator=g), torch.randn(b, 2, m, d, generator=g),
+            torch.randn(b, 2, m, d, generator=g))

@@ -35,10 +35,8 @@ class AttnSpec:
         if self.kind is None:
             return "model's own"
         opts = "".join(f" {k}={v}" for k, v in self.options.items())
-        return f"{self.kind}{opts}" + (" calibrated" if self.calibrated else "") + (
-            " end-to-end" if self.end_to_end else "") + (" length-exponent" if self.length_exponent else "") + (
-            " query-gain" if self.query_gain else "") + (" output-gain" if self.output_gain else "") + (
-            " transferred" if self.transferred else "")
+        flags = ("calibrated", "end_to_end") + END_TO_END_EXTRAS + ("transferred",)
+        return f"{self.kind}{opts}" + "".join(f" {f.replace('_', '-')}" for f in flags if getattr(self, f))
 
 
 END_TO_END_EXTRAS = ("length_exponent", "query_gain", "output_gain")  # what the end-to-end stage may also train

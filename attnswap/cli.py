@@ -263,6 +263,15 @@ ADAPT_COLUMNS = {"calibrate": [("layer", "layer", None), ("error_before", "outpu
                               ("error_after", "after", ".4f")]}
 
 
+# per-head figures of a calibration report, printed as one column each when the fit has them: column key ->
+# (report key, title, number format); the scales column is in ADAPT_COLUMNS, the others only when trained
+PER_HEAD_COLUMNS = {"scales": ("score_scale", "score scales (per head)", ".2f"),
+                    "exponents": ("length_exponent", "end-to-end length exponents", "+.2f"),
+                    "output_gains": ("output_gain", "end-to-end output gains", ".2f"),
+                    "query_gain_spreads": ("query_gain_spread", "query-gain spread (std of each head's gains)",
+                                           ".3f")}
+
+
 def cmd_adapt(args) -> int:
     """``attnswap calibrate`` / ``attnswap transfer``: fit on the calibration text, print per-layer errors, save."""
     import time
@@ -296,11 +305,11 @@ def cmd_adapt(args) -> int:
     handle = (calibrate if what == "calibrate" else transfer)(model, spec.kind, ids, **settings, **spec.options)
     seconds = time.perf_counter() - start
     report = handle.calibration if what == "calibrate" else handle.transfer
-    rows = [{"layer": i, **r, "scales": " ".join(f"{x:.2f}" for x in r.get("score_scale", ())),
-             "exponents": " ".join(f"{x:+.2f}" for x in r.get("length_exponent", ()))}
+    rows = [{"layer": i, **r, **{key: " ".join(format(x, spec) for x in r.get(source, ()))
+                                 for key, (source, _, spec) in PER_HEAD_COLUMNS.items()}}
             for i, r in report["layers"].items()]
-    columns = ADAPT_COLUMNS[what] + ([("exponents", "end-to-end length exponents", None)]
-                                     if any(r["exponents"] for r in rows) else [])
+    columns = ADAPT_COLUMNS[what] + [(key, title, None) for key, (_, title, _) in PER_HEAD_COLUMNS.items()
+                                     if key != "scales" and any(r[key] for r in rows)]
     print(format_table(rows, columns))
     steps = f", {report['steps']} steps per layer" if what == "transfer" else ""
     print(f"{what}: {spec.kind} on {report['tokens']} tokens ({report['window']}-token windows){steps} in "

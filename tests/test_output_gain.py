@@ -100,7 +100,7 @@ def test_end_to_end_calibration_trains_output_gains_that_reload_exactly(tmp_path
         attnswap.calibrate(tiny_model("llama"), "entmax", data, window=64, output_gain=True)
 
 
-def test_eval_spec_and_command(tiny_dir, tmp_path):
+def test_eval_spec_and_command(tiny_dir, tmp_path, capsys):
     from attnswap.cli import main
     from attnswap.evals.specs import parse_attn
 
@@ -115,3 +115,5 @@ def test_eval_spec_and_command(tiny_dir, tmp_path):
     record = json.loads((out / "attnswap_swap.json").read_text())
     assert record["calibration"]["end_to_end"]["output_gain"] is True
     assert all("output_gain" in o for o in record["layer_options"].values())
+    printed = capsys.readouterr().out  # the trained gains of layer 0, as the command prints them
+    assert " ".join(f"{g:.2f}" for g in record["layer_options"]["0"]["output_gain"]) in printed

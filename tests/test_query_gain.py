@@ -175,10 +175,11 @@ def test_eval_spec_and_command_for_an_end_to_end_fit_with_query_gains(tiny_dir, 
     out = tmp_path / "cal"
     assert main(["calibrate", "--model", tiny_dir, "--attn", "sparsemax", "--out", str(out), "--window", "64",
                  "--windows", "2", "--holdout", "0", "--end-to-end", "--end-to-end-steps", "2", "--query-gain"]) == 0
+    printed = capsys.readouterr().out
+    assert "query-gain spread" in printed and "output gains" not in printed  # a column only for what was trained
     record = json.loads((out / "attnswap_swap.json").read_text())
     assert record["calibration"]["end_to_end"]["query_gain"] is True
     assert all("query_gain" in o for o in record["layer_options"].values())
-    capsys.readouterr()
     assert main(["calibrate", "--model", tiny_dir, "--attn", "sparsemax", "--out", str(out), "--window", "64",
                  "--query-gain"]) == 2
     assert "end_to_end=True" in capsys.readouterr().err

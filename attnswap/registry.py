@@ -209,28 +209,34 @@ OUTPUT_GAIN = "output_gain"  # per head, on the attention output (a LearnedScale
 
 class LearnedGain:
     """Per-head query gains being trained (``attnswap.calibrate(..., end_to_end=True, query_gain=True)``): one
-    log-gain per query head and rotary frequency, shared by the two coordinates ``i`` and ``i + head_dim/2`` that
-    rotate-half RoPE (the transformers convention) turns together, so the gain commutes with the rotation: the same
-    as scaling the query before RoPE, and the scores stay a function of relative position. All 1 at the start;
-    ``exp`` keeps them positive; a ``query_gain`` value while it trains."""
+    log-gain per query head and parameter, ``index`` (head_dim,) saying which parameter each coordinate uses. The two
+    coordinates of a rotated pair share one (``adapt.rotary_pairs.gain_index`` reads the model's pairing), so the
+    gain commutes with RoPE: the same as scaling the query before it, and the scores stay a function of relative
+    position. Without ``index``: rotate-half pairs (``i`` with ``i + head_dim/2``, the transformers convention).
+    All 1 at the start; ``exp`` keeps them positive; a ``query_gain`` value while it trains."""
 
-    def __init__(self, heads: int, head_dim: int):
-        if head_dim % 2:
-            raise AttnSwapError(f"query gains pair the coordinates of a head (rotary pairs), so they need an even head "
-                                f"dim, got {head_dim}")
-        self.log_gain = torch.zeros(heads, head_dim // 2, dtype=torch.float32, requires_grad=True)
+    def __init__(self, heads: int, head_dim: int, index: torch.Tensor | None = None):
+        if index is None:
+            if head_dim % 2:
+                raise AttnSwapError(f"query gains pair the coordinates of a head (rotary pairs), so they need an even "
+                                    f"head dim, got {head_dim}")
+            index = torch.arange(head_dim // 2).repeat(2)
+        if index.shape != (head_dim,):
+            raise AttnSwapError(f"a query-gain index has one entry per coordinate ({head_dim}), got "
+                                f"{tuple(index.shape)}")
+        self.index = index
+        self.log_gain = torch.zeros(heads, int(index.max()) + 1, dtype=torch.float32, requires_grad=True)
 
     def factor(self, device) -> torch.Tensor:
-        """(Hq, head_dim): each pair's gain on both its coordinates."""
-        gain = self.log_gain.to(device).exp()
-        return torch.cat([gain, gain], -1)
+        """(Hq, head_dim): each parameter's gain on the coordinates that use it."""
+        return self.log_gain.to(device).exp()[:, self.index.to(device)]
 
     def values(self) -> tuple:
         """The gains as plain numbers, a tuple per head (what the swap keeps once training ends)."""
         return tuple(tuple(round(float(x), 6) for x in row) for row in self.factor("cpu").detach())
 
     def __repr__(self):
-        return f"LearnedGain({self.log_gain.shape[0]} heads, dim {2 * self.log_gain.shape[1]})"
+        return f"LearnedGain({self.log_gain.shape[0]} heads, dim {self.index.numel()}, {self.log_gain.shape[1]} gains)"
 
 
 def validate_query_gain(kind: str, value):

@@ -1,15 +1,19 @@
 """The ``query_gain`` option: per query head, one factor per coordinate of its queries, applied on every path
 (reference, Triton kernel, ``StateCache`` decoding); trained end to end by ``calibrate(..., end_to_end=True,
-query_gain=True)`` as a gain per rotary frequency (both coordinates of a rotate-half pair share one), saved and
-reloaded exactly."""
+query_gain=True)`` as a gain per rotary frequency (both coordinates of a pair the model's RoPE turns together share
+one), saved and reloaded exactly."""
 
+import functools
 import json
+import sys
 
 import pytest
 import torch
+import transformers
 from hypothesis import given, settings, strategies as st
 
 import attnswap
+from attnswap.adapt.rotary_pairs import gain_index
 from attnswap.dispatch import constant_tensor
 from attnswap.registry import LearnedGain
 from tiny_models import gqa_inputs, left_padded_batch, logits, tiny_model
@@ -43,27 +47,54 @@ def test_the_gain_multiplies_each_coordinate_of_each_heads_queries(kind, options
                                                       **options), atol=1e-3)
 
 
-@settings(max_examples=25, deadline=None)
-@given(n=st.integers(1, 10), offset=st.integers(0, 20), seed=st.integers(0, 99))
-def test_a_learned_gain_commutes_with_rotate_half_rope(n, offset, seed):
-    """Pairs (i, i + d/2) share a gain, so gaining after RoPE is gaining before it: the scores stay a function of
-    the relative position."""
-    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
+@functools.lru_cache
+def _rope_model(family):
+    """A tiny model of ``family``; cohere (interleaved RoPE) built here, the rest from tiny_models."""
+    if family == "cohere":
+        torch.manual_seed(0)
+        return transformers.CohereForCausalLM(transformers.CohereConfig(
+            hidden_size=32, num_attention_heads=4, num_key_value_heads=4, num_hidden_layers=1, intermediate_size=32,
+            vocab_size=64, pad_token_id=0, bos_token_id=1, eos_token_id=2)).eval()
+    return tiny_model(family)
 
-    torch.manual_seed(seed)
-    model = tiny_model("llama")
-    rope = LlamaRotaryEmbedding(model.config)
-    d = model.config.hidden_size // model.config.num_attention_heads
-    q, k = torch.randn(1, 4, n, d), torch.randn(1, 4, n, d)
-    cos, sin = rope(q, torch.arange(offset, offset + n)[None])
-    learned = LearnedGain(4, d)
+
+def _random_gain(d, index):
+    learned = LearnedGain(4, d, index)
     with torch.no_grad():
         learned.log_gain.normal_()
-    gain = learned.factor("cpu")[None, :, None, :]
-    after, _ = apply_rotary_pos_emb(q, k, cos, sin)
-    before, _ = apply_rotary_pos_emb(q * gain, k, cos, sin)
-    torch.testing.assert_close(after * gain, before, atol=1e-5, rtol=1e-5)
-    assert torch.equal(gain[..., : d // 2], gain[..., d // 2:])
+    return learned.factor("cpu")[None, :, None, :]
+
+
+@settings(max_examples=25, deadline=None)
+@given(family=st.sampled_from(["llama", "gpt_neox", "cohere"]), n=st.integers(1, 10), offset=st.integers(0, 20),
+       seed=st.integers(0, 99))
+def test_a_learned_gain_commutes_with_the_models_own_rope(family, n, offset, seed):
+    """The coordinates the model's RoPE turns together share a gain (rotate-half llama, partial rotary gpt_neox,
+    interleaved cohere), so gaining after RoPE is gaining before it: the scores stay a function of the relative
+    position. The rotate-half tie over the whole head does not commute with gpt_neox's or cohere's."""
+    model = _rope_model(family)
+    apply = sys.modules[type(model).__module__].apply_rotary_pos_emb
+    rope = next(m for m in model.modules() if type(m).__name__.endswith("RotaryEmbedding"))
+    d = model.config.hidden_size // model.config.num_attention_heads
+    torch.manual_seed(seed)
+    q, k = torch.randn(1, 4, n, d), torch.randn(1, 4, n, d)
+    cos, sin = rope(q, torch.arange(offset, offset + n)[None])
+    gain = _random_gain(d, gain_index(model, d))
+    torch.testing.assert_close(apply(q, k, cos, sin)[0] * gain, apply(q * gain, k, cos, sin)[0], atol=1e-5, rtol=1e-5)
+    if family != "llama" and offset + n > 1:  # some position turns: the whole-head rotate-half tie is wrong there
+        half = _random_gain(d, None)
+        assert not torch.allclose(apply(q, k, cos, sin)[0] * half, apply(q * half, k, cos, sin)[0], atol=1e-3)
+
+
+def test_the_gain_parameters_follow_each_models_rotary_layout():
+    """Rotated pairs share a parameter; coordinates RoPE leaves alone (partial rotary, no RoPE) have their own."""
+    gptj = transformers.GPTJForCausalLM(transformers.GPTJConfig(n_embd=32, n_head=4, n_layer=1, rotary_dim=4,
+                                                                vocab_size=64, bos_token_id=1, eos_token_id=2))
+    assert gain_index(tiny_model("llama"), 8).tolist() == [0, 1, 2, 3, 0, 1, 2, 3]
+    assert gain_index(tiny_model("gpt_neox"), 8).tolist() == [0, 0, 1, 2, 3, 4, 5, 6]  # rotary_pct 0.25
+    assert gain_index(gptj, 8).tolist() == [0, 0, 1, 1, 2, 3, 4, 5]  # interleaved, rotary_dim 4
+    assert gain_index(_rope_model("cohere"), 8).tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
+    assert gain_index(tiny_model("gpt2"), 8).tolist() == list(range(8))  # learned positions: nothing turns
 
 
 def test_the_triton_kernel_honors_it():

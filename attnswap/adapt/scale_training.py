@@ -16,9 +16,10 @@ same support. Measured (README, "On text the fit never saw"): it helps SmolLM2 (
 off by default.
 
 With ``query_gain`` each head also trains a gain per rotary frequency of its queries (``registry.LearnedGain``:
-``head_dim / 2`` numbers per head, both coordinates of a rotate-half pair share one, all 1 at the start, at their
-own learning rate ``gain_lr``), so the per-head scale becomes the special case of equal gains: a head can weigh its
-position-like, slow frequencies against its content ones, which one temperature cannot.
+both coordinates of a rotated pair share one, as ``rotary_pairs`` reads the model's RoPE: ``head_dim / 2`` numbers
+per head for full RoPE, all 1 at the start, at their own learning rate ``gain_lr``), so the per-head scale becomes
+the special case of equal gains: a head can weigh its position-like, slow frequencies against its content ones,
+which one temperature cannot.
 
 With ``output_gain`` each head also trains a gain on its attention output (``output_gain``, a ``LearnedScale`` from
 1, at ``gain_lr``): a sparse map averages fewer value vectors than softmax, so its output is larger, and one
@@ -33,6 +34,7 @@ import torch
 from ..errors import AttnSwapError
 from ..registry import (LENGTH_EXPONENT, OUTPUT_GAIN, QUERY_GAIN, SCORE_SCALE, LearnedExponent, LearnedGain,
                         LearnedScale)
+from .rotary_pairs import gain_index
 
 DEFAULT_STEPS, DEFAULT_LR = 40, 0.02
 DEFAULT_GAIN_LR = 0.05  # the query gains' (measured against 0.02 on SmolLM2 entmax 1.5: 1.137x vs 1.160x)
@@ -56,6 +58,7 @@ def train_scales(model, kind: str, windows: torch.Tensor, layer_options: dict, *
         raise AttnSwapError(f"end-to-end calibration needs steps >= 1 and learning rates > 0, got steps={steps!r}, "
                             f"lr={lr!r}, gain_lr={gain_lr!r}")
     heads, head_dim = _query_shape(model) if query_gain or output_gain else (None, None)
+    index = gain_index(model, head_dim) if query_gain else None
     learned = {}
     for layer, opts in layer_options.items():
         scales = opts[SCORE_SCALE] if isinstance(opts[SCORE_SCALE], tuple) else (opts[SCORE_SCALE],)
@@ -63,7 +66,7 @@ def train_scales(model, kind: str, windows: torch.Tensor, layer_options: dict, *
         if length_exponent:
             learned[layer][LENGTH_EXPONENT] = LearnedExponent([0.0] * len(scales))
         if query_gain:
-            learned[layer][QUERY_GAIN] = LearnedGain(heads, head_dim)
+            learned[layer][QUERY_GAIN] = LearnedGain(heads, head_dim, index)
         if output_gain:
             learned[layer][OUTPUT_GAIN] = LearnedScale([1.0] * heads)
     handle = swap_attention(model, kind, layers=layers, impl=impl, layer_options=learned, **options)

@@ -3,6 +3,9 @@ AttentionInterface and AttentionMaskInterface (without a mask function padding w
 
 from __future__ import annotations
 
+import functools
+import inspect
+
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
@@ -16,6 +19,16 @@ PREFIX = "attnswap_"
 
 def implementation_name(kind: str) -> str:
     return PREFIX + kind
+
+
+@functools.lru_cache(maxsize=None)
+def routes_through_interface(cls) -> bool:
+    """Whether an attention class's forward calls the backend transformers' AttentionInterface names."""
+    try:
+        source = inspect.getsource(cls.forward)
+    except (OSError, TypeError):
+        return False
+    return "ALL_ATTENTION_FUNCTIONS" in source
 
 
 def spec_of(module, kind_name: str | None):
@@ -35,10 +48,36 @@ except ImportError:  # older transformers
     _active_collector = None
 
 
+@functools.lru_cache(maxsize=None)
+def takes_output_attentions(cls) -> bool:
+    """Whether an attention class's forward takes ``output_attentions`` by name, and so keeps it from the backend
+    it calls (Falcon from transformers 5.25: its eager backend always returns the weights, ours only on request)."""
+    try:
+        return "output_attentions" in inspect.signature(cls.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _note_output_attentions(module, args, kwargs):
+    module.__dict__[ASKED] = bool(kwargs.get("output_attentions"))
+
+
+ASKED = "_attnswap_output_attentions"  # what the module's last call was asked, where the backend cannot see it
+
+
+def watch_output_attentions(module):
+    """A hook that notes a module's ``output_attentions`` argument for the backend, where the module keeps it
+    to itself; None where it does not (its ``remove()`` undoes it)."""
+    if not takes_output_attentions(type(module)):
+        return None
+    return module.register_forward_pre_hook(_note_output_attentions, with_kwargs=True)
+
+
 def wants_weights(module, kwargs) -> bool:
-    """Whether the caller asked for attention weights: the kwarg, the config, or transformers' output capture.
-    (The config's flags are read from its ``__dict__``: transformers' attribute hooks cost ~10 µs a call.)"""
-    if kwargs.get("output_attentions"):
+    """Whether the caller asked for attention weights: the kwarg (or the module's own ``output_attentions``
+    argument), the config, or transformers' output capture. (The config's flags are read from its ``__dict__``:
+    transformers' attribute hooks cost ~10 µs a call.)"""
+    if kwargs.get("output_attentions") or module.__dict__.get(ASKED):
         return True
     config = getattr(module, "config", None)
     flags = object.__getattribute__(config, "__dict__") if config is not None else {}

@@ -14,7 +14,7 @@ import torch
 
 from ..dispatch import run
 from ..kinds.visibility import Visibility, gqa_mask
-from .interface import implementation_name, spec_of, wants_weights
+from .interface import implementation_name, routes_through_interface, spec_of, wants_weights
 from .masks import model_visibility
 
 
@@ -77,7 +77,9 @@ def _falcon_forward(self, hidden_states, alibi, attention_mask, position_ids=Non
     return self.dense(out), weights
 
 
-# exact class (module path + name) -> (method name, replacement); subclasses (e.g. flash variants) are not covered
+# exact class (module path + name) -> (method name, replacement); subclasses (e.g. flash variants) are not covered.
+# A transformers release that moves a family onto the AttentionInterface (Falcon in 5.25) makes its patch unused:
+# the interface path swaps it then.
 PATCHES = {
     "transformers.models.gpt_neo.modeling_gpt_neo.GPTNeoSelfAttention": ("forward", _gpt_neo_forward),
     "transformers.models.falcon.modeling_falcon.FalconAttention": ("forward", _falcon_forward),
@@ -98,7 +100,10 @@ def _qualified(cls) -> str:
 
 
 def patch_for(module) -> tuple[str, callable] | None:
-    return PATCHES.get(_qualified(type(module)))
+    patch = PATCHES.get(_qualified(type(module)))
+    if patch is None or routes_through_interface(type(module)):
+        return None
+    return patch
 
 
 def register_loadable(kind_name: str) -> None:
@@ -109,6 +114,8 @@ def register_loadable(kind_name: str) -> None:
         except ImportError:  # a transformers without this family
             continue
         base = getattr(module, base_name)
+        if not hasattr(module, table_name) or routes_through_interface(base):  # the family is on the interface
+            continue
         method, fn = PATCHES[_qualified(base)]
         loadable = type(f"Attnswap{base.__name__}", (base,), {
             method: fn, "_attnswap_kind": kind_name, "_attnswap_base": _qualified(base),

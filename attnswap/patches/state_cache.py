@@ -216,6 +216,8 @@ class StateCache(Cache):
             windowed = handle.kind.bounded_state is not None
             if handle.kind.uses_scores and not windowed and _softcapped(module):
                 continue  # softcapped scores have no feature map: this layer keeps K/V
+            if _alibi(module):
+                continue  # a position bias added to the scores (in the mask) has no running state: K/V
             layers[idx] = (WindowStateLayer if windowed else StateLayer)(idx, self)
             state_layers.append(idx)
         if not state_layers:
@@ -250,6 +252,14 @@ def _softcapped(module) -> bool:
             if getattr(where, name, None) is not None:
                 return True
     return False
+
+
+def _alibi(module) -> bool:
+    """Whether the model adds ALiBi to the scores through its mask (Falcon's ``alibi``, MPT's, Bloom's)."""
+    config = getattr(module, "config", None)
+    attn_config = getattr(config, "attn_config", None)
+    return bool(getattr(config, "alibi", False) or getattr(attn_config, "alibi", False)
+                or getattr(config, "model_type", None) == "bloom")
 
 
 def claim(key: torch.Tensor) -> StateLayer | None:

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import functools
-import inspect
 import numbers
 from dataclasses import dataclass
 
@@ -22,7 +20,7 @@ from ..dispatch import IMPLS
 from ..errors import AttnSwapError, UnsupportedModelError
 from ..registry import Kind
 from . import legacy, state_cache
-from .interface import implementation_name
+from .interface import ASKED, implementation_name, routes_through_interface, watch_output_attentions
 
 
 @dataclass
@@ -31,15 +29,6 @@ class Spec:
     options: dict
     native: str | None  # the implementation the layer had (its mask convention)
     impl: str = "auto"
-
-
-@functools.lru_cache(maxsize=None)
-def _routes_through_interface(cls) -> bool:
-    try:
-        source = inspect.getsource(cls.forward)
-    except (OSError, TypeError):
-        return False
-    return "ALL_ATTENTION_FUNCTIONS" in source
 
 
 def find_attention(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module, str]]:
@@ -51,7 +40,7 @@ def find_attention(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module, s
     for name, module in model.named_modules():
         if legacy.patch_for(module) is not None:
             found.append((name, module, "legacy"))
-        elif _routes_through_interface(type(module)) and hasattr(module, "config"):
+        elif routes_through_interface(type(module)) and hasattr(module, "config"):
             found.append((name, module, "interface"))
         else:
             continue
@@ -115,7 +104,7 @@ class SwapHandle:
         self.model, self.kind, self.options, self.layers, self.impl = model, kind, options, layers, impl
         self.layer_options = dict(layer_options or {})  # layer -> resolved options where they differ (calibration)
         self._targets = [targets[i] for i in layers]
-        self._entries = []  # (module, route, saved) while active
+        self._entries = []  # (module, route, saved, hook) while active
         self._generation_cache = None  # what install_generation_cache saved
         self.adapters = None  # LoRA adapters trained for this swap (attnswap.finetune): in the model while active
         self.active = False
@@ -128,17 +117,19 @@ class SwapHandle:
         restore_attention(self.model)
         for index, (_, module, route) in zip(self.layers, self._targets):
             native = getattr(getattr(module, "config", None), "_attn_implementation", None)
+            hook = None
             if route == "interface":
                 saved = module.config
                 private = copy.copy(saved)
                 private.__dict__["_attn_implementation_internal"] = implementation_name(self.kind.name)
                 module.config = private
+                hook = watch_output_attentions(module)
             else:
                 saved, fn = legacy.patch_for(module)
                 legacy.apply(module, saved, fn)
             options = self.layer_options.get(index, self.options)
             module._attnswap_spec = Spec(kind=self.kind, options=options, native=native, impl=self.impl)
-            self._entries.append((module, route, saved))
+            self._entries.append((module, route, saved, hook))
         if self.kind.decodes_with_state:  # generate() keeps a running state instead of K/V
             self._generation_cache = state_cache.install_generation_cache(self.model)
         if self.adapters is not None:
@@ -149,12 +140,15 @@ class SwapHandle:
     def restore(self) -> None:
         if not self.active:
             return
-        for module, route, saved in self._entries:
+        for module, route, saved, hook in self._entries:
             if route == "interface":
                 module.config = saved
             else:
                 legacy.remove(module, saved)
+            if hook is not None:
+                hook.remove()
             module.__dict__.pop("_attnswap_spec", None)
+            module.__dict__.pop(ASKED, None)
         self._entries = []
         if self.adapters is not None:  # kept on the handle: activating it again puts them back
             self.adapters.remove()

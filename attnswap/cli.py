@@ -397,7 +397,9 @@ def _add_eval_args(p, *, demo: bool = False) -> None:
         p.add_argument("--tokenizer", default=None, help="a folder with the tokenizer, when --model has none")
     p.add_argument("--attn", default=DEMO_ATTN if demo else DEFAULT_ATTN,
                    help="kinds to compare, e.g. softmax,topk:k=64,entmax:alpha=1.5; kind:...:calibrated and "
-                        "kind:...:transferred (linear, taylor, window_linear) fit first, saved:DIR loads a saved swap")
+                        "kind:...:transferred (linear, taylor, window_linear) fit first (kind:...:calibrated:end_to_end "
+                        "then trains the scales with query and output gains through the model; :no_query_gain, "
+                        ":no_output_gain leave those out, :length_exponent adds one), saved:DIR loads a saved swap")
     p.add_argument("--layers", default=None, help="swap only these layers: inclusive ranges and indices, e.g. 4-29 or 0,2,5, or a layer type of the config, e.g. full_attention (default: all)")
     p.add_argument("--out", default="attnswap-results", help="folder for results.json/.jsonl/.md and plots")
     p.add_argument("--text-file", "--eval-text", dest="text_file", default=None,
@@ -472,16 +474,19 @@ def build_parser() -> argparse.ArgumentParser:
                         "only if that lowers its output error there, the model its scales only if they lower the "
                         "next-token loss there (default 0.5; 0: no check)")
     p.add_argument("--end-to-end", action="store_true",
-                   help="then train the scales through the whole model on its own next-token distribution")
+                   help="then train the scales through the whole model on its own next-token distribution, with "
+                        "a gain per rotary frequency of each head's queries and a gain on each head's output "
+                        "(--no-query-gain, --no-output-gain leave them out)")
     p.add_argument("--end-to-end-steps", type=int, default=None, help="steps of that training (default 40)")
     p.add_argument("--end-to-end-lr", type=float, default=None, help="its learning rate (default 0.02)")
     p.add_argument("--length-exponent", action="store_true",
                    help="with --end-to-end, also train each head's growth of its scale with the number of keys a "
                         "query sees")
-    p.add_argument("--query-gain", action="store_true",
-                   help="with --end-to-end, also train a gain per rotary frequency of each head's queries")
-    p.add_argument("--output-gain", action="store_true",
-                   help="with --end-to-end, also train a gain on each head's attention output")
+    p.add_argument("--query-gain", action=argparse.BooleanOptionalAction, default=None,
+                   help="with --end-to-end, whether to train a gain per rotary frequency of each head's queries "
+                        "(default: yes)")
+    p.add_argument("--output-gain", action=argparse.BooleanOptionalAction, default=None,
+                   help="with --end-to-end, whether to train a gain on each head's attention output (default: yes)")
     p = sub.add_parser("transfer", help="learn query/key maps for linear, taylor or window_linear (attention "
                                         "transfer), save the swap")
     _add_adapt_args(p, example="window_linear", windows=8)

@@ -97,8 +97,8 @@ class Kind:
         number, or one per query head, ``e``, by which that scale grows with the number ``n`` of keys a query sees,
         ``score_scale * (n / LENGTH_REF) ** e`` (what ``calibrate(..., end_to_end=True)`` trains), and
         ``query_gain``: per query head, one factor per coordinate of its queries, ``(Hq, head_dim)`` numbers (what
-        ``calibrate(..., end_to_end=True, query_gain=True)`` trains). Every kind takes ``output_gain``: one positive
-        number, or one per query head, multiplying the head's attention output (``output_gain=True`` trains it)."""
+        ``calibrate(..., end_to_end=True)`` trains). Every kind takes ``output_gain``: one positive number, or one
+        per query head, multiplying the head's attention output (the end-to-end stage trains it too)."""
         # an alias's pinned value (sparsemax: alpha=2) may come back in resolved options: accept it as it is
         options = {k: v for k, v in options.items() if not (k in self.fixed and v == self.fixed[k])}
         scale = options.pop(SCORE_SCALE, None)
@@ -208,7 +208,7 @@ OUTPUT_GAIN = "output_gain"  # per head, on the attention output (a LearnedScale
 
 
 class LearnedGain:
-    """Per-head query gains being trained (``attnswap.calibrate(..., end_to_end=True, query_gain=True)``): one
+    """Per-head query gains being trained (``attnswap.calibrate(..., end_to_end=True)``): one
     log-gain per query head and parameter, ``index`` (head_dim,) saying which parameter each coordinate uses. The two
     coordinates of a rotated pair share one (``adapt.rotary_pairs.gain_index`` reads the model's pairing), so the
     gain commutes with RoPE: the same as scaling the query before it, and the scores stay a function of relative

@@ -202,7 +202,7 @@ def test_fit_and_scored_texts_are_disjoint():
     with pytest.raises(AttnSwapError, match="end_to_end goes with calibrated"):
         parse_attn("entmax:alpha=1.5:end_to_end")
     spec = parse_attn("sparsemax:calibrated:end_to_end")[0]
-    assert spec.end_to_end and spec.label == "sparsemax calibrated end-to-end"
+    assert spec.end_to_end and spec.label == "sparsemax calibrated end-to-end query-gain output-gain"
 
 
 def test_eval_fit_text_names_what_fitted_and_what_scored(tiny_dir, tmp_path, capsys):

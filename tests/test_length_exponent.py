@@ -159,7 +159,7 @@ def test_end_to_end_calibration_trains_exponents_that_reload_exactly(tmp_path):
     attnswap.load_swap(fresh, tmp_path / "swap")
     assert torch.equal(logits(fresh, ids, mask), calibrated)
     plain = attnswap.calibrate(tiny_model("llama"), "sparsemax", data, window=64, holdout=0, end_to_end=True,
-                               end_to_end_steps=2)  # the default: the scales alone
+                               end_to_end_steps=2)  # the default: no exponents
     assert plain.calibration["end_to_end"]["length_exponent"] is False
     assert all("length_exponent" not in r for r in plain.calibration["layers"].values())
     assert all("length_exponent" not in plain.options_of(i) for i in plain.layers)
@@ -170,7 +170,7 @@ def test_end_to_end_calibration_trains_exponents_that_reload_exactly(tmp_path):
 def test_eval_spec_for_an_end_to_end_fit_with_length_exponents():
     from attnswap.evals.specs import parse_attn
 
-    spec, = parse_attn("entmax:alpha=1.5:calibrated:end_to_end:length_exponent")
+    spec, = parse_attn("entmax:alpha=1.5:calibrated:end_to_end:length_exponent:no_query_gain:no_output_gain")
     assert spec.calibrated and spec.end_to_end and spec.length_exponent and spec.options == {"alpha": 1.5}
     assert spec.label == "entmax alpha=1.5 calibrated end-to-end length-exponent"
     assert not parse_attn("entmax:calibrated:end_to_end")[0].length_exponent

@@ -1,6 +1,6 @@
 """The ``output_gain`` option: one number, or one per query head, multiplying each head's attention output, on
 every path (SDPA, reference, Triton kernel, ``StateCache`` decoding); trained end to end by ``calibrate(...,
-end_to_end=True, output_gain=True)``, saved and reloaded exactly."""
+end_to_end=True)`` (on by default with it), saved and reloaded exactly."""
 
 import json
 
@@ -81,7 +81,7 @@ def test_end_to_end_calibration_trains_output_gains_that_reload_exactly(tmp_path
     ids, mask = left_padded_batch(model.config.vocab_size)
     data = torch.randint(1, model.config.vocab_size, (300,), generator=torch.Generator().manual_seed(1))
     handle = attnswap.calibrate(model, "entmax", data, window=64, holdout=0, end_to_end=True, end_to_end_steps=4,
-                                output_gain=True, alpha=1.5)
+                                alpha=1.5)  # output gains: on by default
     assert handle.calibration["end_to_end"]["output_gain"] is True
     for index, report in handle.calibration["layers"].items():
         assert handle.options_of(index)["output_gain"] == tuple(report["output_gain"])
@@ -95,7 +95,7 @@ def test_end_to_end_calibration_trains_output_gains_that_reload_exactly(tmp_path
     assert torch.equal(logits(fresh, ids, mask), calibrated)
     assert all("output_gain" not in o for o in attnswap.calibrate(
         tiny_model("llama"), "entmax", data, window=64, holdout=0, end_to_end=True, end_to_end_steps=2,
-        alpha=1.5).layer_options.values())  # the default: no gains
+        output_gain=False, alpha=1.5).layer_options.values())
     with pytest.raises(attnswap.AttnSwapError, match="output_gain is trained by the end-to-end stage"):
         attnswap.calibrate(tiny_model("llama"), "entmax", data, window=64, output_gain=True)
 
@@ -107,13 +107,17 @@ def test_eval_spec_and_command(tiny_dir, tmp_path, capsys):
     spec, = parse_attn("sparsemax:calibrated:end_to_end:output_gain:query_gain")
     assert spec.output_gain and spec.query_gain and not spec.length_exponent
     assert spec.label == "sparsemax calibrated end-to-end query-gain output-gain"
+    assert parse_attn("sparsemax:calibrated:end_to_end")[0] == spec  # the default
+    only, = parse_attn("sparsemax:calibrated:end_to_end:no_query_gain")
+    assert only.output_gain and not only.query_gain and only.label == "sparsemax calibrated end-to-end output-gain"
     with pytest.raises(attnswap.AttnSwapError, match="output_gain goes with end_to_end"):
         parse_attn("sparsemax:calibrated:output_gain")
     out = tmp_path / "cal"
     assert main(["calibrate", "--model", tiny_dir, "--attn", "sparsemax", "--out", str(out), "--window", "64",
-                 "--windows", "2", "--holdout", "0", "--end-to-end", "--end-to-end-steps", "2", "--output-gain"]) == 0
+                 "--windows", "2", "--holdout", "0", "--end-to-end", "--end-to-end-steps", "2", "--no-query-gain"]) == 0
     record = json.loads((out / "attnswap_swap.json").read_text())
     assert record["calibration"]["end_to_end"]["output_gain"] is True
+    assert record["calibration"]["end_to_end"]["query_gain"] is False
     assert all("output_gain" in o for o in record["layer_options"].values())
     printed = capsys.readouterr().out  # the trained gains of layer 0, as the command prints them
     assert " ".join(f"{g:.2f}" for g in record["layer_options"]["0"]["output_gain"]) in printed

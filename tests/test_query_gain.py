@@ -1,6 +1,6 @@
 """The ``query_gain`` option: per query head, one factor per coordinate of its queries, applied on every path
-(reference, Triton kernel, ``StateCache`` decoding); trained end to end by ``calibrate(..., end_to_end=True,
-query_gain=True)`` as a gain per rotary frequency (both coordinates of a pair the model's RoPE turns together share
+(reference, Triton kernel, ``StateCache`` decoding); trained end to end by ``calibrate(..., end_to_end=True)``
+(on by default with it) as a gain per rotary frequency (both coordinates of a pair the model's RoPE turns together share
 one), saved and reloaded exactly."""
 
 import functools
@@ -169,7 +169,7 @@ def test_end_to_end_calibration_trains_paired_gains_that_reload_exactly(tmp_path
     ids, mask = left_padded_batch(model.config.vocab_size)
     data = torch.randint(1, model.config.vocab_size, (300,), generator=torch.Generator().manual_seed(1))
     handle = attnswap.calibrate(model, "sparsemax", data, window=64, holdout=0, end_to_end=True,
-                                end_to_end_steps=4, query_gain=True, length_exponent=True)
+                                end_to_end_steps=4, length_exponent=True)  # query gains: on by default
     assert handle.calibration["end_to_end"]["query_gain"] is True
     for index, report in handle.calibration["layers"].items():
         gains = handle.options_of(index)["query_gain"]
@@ -183,9 +183,11 @@ def test_end_to_end_calibration_trains_paired_gains_that_reload_exactly(tmp_path
     attnswap.load_swap(fresh, tmp_path / "swap")
     assert torch.equal(logits(fresh, ids, mask), calibrated)
     plain = attnswap.calibrate(tiny_model("llama"), "sparsemax", data, window=64, holdout=0, end_to_end=True,
-                               end_to_end_steps=2)  # the default: no gains
+                               end_to_end_steps=2, query_gain=False)
     assert plain.calibration["end_to_end"]["query_gain"] is False
     assert all("query_gain" not in plain.options_of(i) for i in plain.layers)
+    layer_wise = attnswap.calibrate(tiny_model("llama"), "sparsemax", data, window=64, holdout=0)
+    assert all("query_gain" not in layer_wise.options_of(i) for i in layer_wise.layers)  # no end-to-end: no gains
     with pytest.raises(attnswap.AttnSwapError, match="query_gain is trained by the end-to-end stage"):
         attnswap.calibrate(tiny_model("llama"), "sparsemax", data, window=64, query_gain=True)
     with pytest.raises(attnswap.AttnSwapError,
@@ -197,15 +199,24 @@ def test_eval_spec_and_command_for_an_end_to_end_fit_with_query_gains(tiny_dir, 
     from attnswap.cli import main
     from attnswap.evals.specs import parse_attn
 
-    spec, = parse_attn("entmax:alpha=1.5:calibrated:end_to_end:query_gain:length_exponent")
+    spec, = parse_attn("entmax:alpha=1.5:calibrated:end_to_end:length_exponent:no_output_gain")
     assert spec.end_to_end and spec.query_gain and spec.length_exponent and spec.options == {"alpha": 1.5}
+    assert not spec.output_gain
     assert spec.label == "entmax alpha=1.5 calibrated end-to-end length-exponent query-gain"
-    assert not parse_attn("entmax:calibrated:end_to_end")[0].query_gain
+    assert parse_attn("entmax:calibrated:end_to_end")[0].query_gain  # the default with end_to_end
+    assert parse_attn("entmax:calibrated:end_to_end:query_gain")[0] == parse_attn("entmax:calibrated:end_to_end")[0]
+    bare, = parse_attn("entmax:calibrated:end_to_end:no_query_gain:no_output_gain")
+    assert not (bare.query_gain or bare.output_gain) and bare.label == "entmax calibrated end-to-end"
+    assert not parse_attn("entmax:calibrated")[0].query_gain
     with pytest.raises(attnswap.AttnSwapError, match="query_gain goes with end_to_end"):
         parse_attn("entmax:calibrated:query_gain")
+    with pytest.raises(attnswap.AttnSwapError, match="no_query_gain goes with end_to_end"):
+        parse_attn("entmax:calibrated:no_query_gain")
+    with pytest.raises(attnswap.AttnSwapError, match="query_gain and no_query_gain contradict"):
+        parse_attn("entmax:calibrated:end_to_end:query_gain:no_query_gain")
     out = tmp_path / "cal"
     assert main(["calibrate", "--model", tiny_dir, "--attn", "sparsemax", "--out", str(out), "--window", "64",
-                 "--windows", "2", "--holdout", "0", "--end-to-end", "--end-to-end-steps", "2", "--query-gain"]) == 0
+                 "--windows", "2", "--holdout", "0", "--end-to-end", "--end-to-end-steps", "2", "--no-output-gain"]) == 0
     printed = capsys.readouterr().out
     assert "query-gain spread" in printed and "output gains" not in printed  # a column only for what was trained
     record = json.loads((out / "attnswap_swap.json").read_text())

@@ -190,7 +190,7 @@ def _search(kind, options, calls) -> tuple[tuple, torch.Tensor, torch.Tensor]:
 def calibrate(model, kind: str, data, *, tokenizer=None, window: int = DEFAULT_WINDOW,
               max_windows: int = DEFAULT_WINDOWS, holdout: float = HOLDOUT, end_to_end: bool = False,
               end_to_end_steps: int | None = None, end_to_end_lr: float | None = None, length_exponent: bool = False,
-              query_gain: bool = False, output_gain: bool = False, layers=None, impl: str = "auto",
+              query_gain: bool | None = None, output_gain: bool | None = None, layers=None, impl: str = "auto",
               progress: bool = False, **options):
     """Swap ``model`` to ``kind`` with a score scale per layer and query head fitted on ``data``; returns the handle.
 
@@ -200,7 +200,9 @@ def calibrate(model, kind: str, data, *, tokenizer=None, window: int = DEFAULT_W
     on the fit windows (``scale_training.train_scales``; ``end_to_end_steps``, ``end_to_end_lr``), with
     ``length_exponent`` also a per-head growth of each scale with the number of keys a query sees, with
     ``query_gain`` also a gain per rotary frequency of each head's queries, with ``output_gain`` a gain on each
-    head's output (``scale_training``).
+    head's output (``scale_training``). The two gains are trained whenever ``end_to_end`` is (their default None
+    means "with end_to_end"; ``False`` leaves one out): they are what brings every measured model and kind within
+    the fidelity targets (README, "On text the fit never saw").
     ``handle.calibration`` holds the scales, which heads kept a fitted scale, the relative output error per layer
     before and after (on the held-back windows when there are any) and, with held-back windows, the next-token
     loss there of each stage (``"uncalibrated"``, ``"layer-wise"``, ``"end-to-end"``) and the one kept (``kept``:
@@ -219,11 +221,14 @@ def calibrate(model, kind: str, data, *, tokenizer=None, window: int = DEFAULT_W
     extras = {registry.LENGTH_EXPONENT: length_exponent, registry.QUERY_GAIN: query_gain,
               registry.OUTPUT_GAIN: output_gain}
     for name, wanted in extras.items():
-        if not isinstance(wanted, bool):  # a value: calibrate trains it; a swap takes given values
-            raise AttnSwapError(f"calibrate's {name} is True or False (whether the end-to-end stage trains it), got "
-                                f"{wanted!r:.80}; to use values of your own, swap_attention(model, kind, {name}=...)")
+        if wanted is not None and not isinstance(wanted, bool):  # a value: a swap takes given values
+            raise AttnSwapError(f"calibrate's {name} is True or False (whether the end-to-end stage trains it; None: "
+                                f"the default), got {wanted!r:.80}; to use values of your own, "
+                                f"swap_attention(model, kind, {name}=...)")
         if wanted and not end_to_end:
             raise AttnSwapError(f"{name} is trained by the end-to-end stage: pass end_to_end=True with it")
+    for name in (registry.QUERY_GAIN, registry.OUTPUT_GAIN):  # on by default with the end-to-end stage
+        extras[name] = bool(end_to_end) if extras[name] is None else extras[name]
     ids = calibration_windows(data, tokenizer, window=window, max_windows=max_windows)
     fit_ids, check_ids = split_windows(ids, holdout)
     modules, recorder = record_attention_inputs(model, fit_ids, layers=layers, impl=impl, fraction=QUERY_FRACTION)

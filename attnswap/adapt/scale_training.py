@@ -15,6 +15,10 @@ same support. Measured (README, "On text the fit never saw"): it helps SmolLM2 (
 -> 1.621x; ``entmax``'s end-to-end stage no longer beat the layer-wise one on the held-back windows), so it is
 off by default.
 
+``calibrate`` turns on the two gains below whenever it runs this stage (``query_gain=False`` /
+``output_gain=False`` leave them out): together they are the one setting measured to bring every model and kind
+within the fidelity targets (README, "On text the fit never saw").
+
 With ``query_gain`` each head also trains a gain per rotary frequency of its queries (``registry.LearnedGain``:
 both coordinates of a rotated pair share one, as ``rotary_pairs`` reads the model's RoPE: ``head_dim / 2`` numbers
 per head for full RoPE, all 1 at the start, at their own learning rate ``gain_lr``), so the per-head scale becomes

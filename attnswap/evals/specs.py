@@ -40,7 +40,9 @@ class AttnSpec:
 
 
 END_TO_END_EXTRAS = ("length_exponent", "query_gain", "output_gain")  # what the end-to-end stage may also train
-FLAGS = ("calibrated", "transferred", "end_to_end") + END_TO_END_EXTRAS
+GAINS = ("query_gain", "output_gain")  # trained by default with end_to_end
+OPT_OUTS = tuple(f"no_{gain}" for gain in GAINS)
+FLAGS = ("calibrated", "transferred", "end_to_end") + END_TO_END_EXTRAS + OPT_OUTS
 
 _LAYER_ITEM = re.compile(r"^\s*(\d+)\s*(?:-\s*(\d+)\s*)?$")
 
@@ -58,12 +60,11 @@ def parse_attn(spec: str, layers: list[int] | str | None = None) -> list[AttnSpe
     """``"softmax,topk:k=64,entmax:alpha=1.5"`` -> specs, each validated against the kind's options.
 
     ``kind:...:calibrated`` fits per-head score scales first (``attnswap.calibrate``; ``:calibrated:end_to_end``
-    then trains them through the whole model, ``:calibrated:end_to_end:length_exponent`` with a per-head growth of
-    each scale with the context, ``:calibrated:end_to_end:query_gain`` with a gain per rotary frequency of each
-    head's queries, ``:calibrated:end_to_end:output_gain`` with a gain on each head's output; they combine),
-    ``kind:...:transferred``
-    learns query/key maps first (``attnswap.transfer``); ``saved:DIR`` loads a swap
-    saved with ``attnswap.save_swap`` (or ``attnswap calibrate --out DIR``)."""
+    then trains them through the whole model together with a gain per rotary frequency of each head's queries and
+    a gain on each head's output, ``:no_query_gain`` / ``:no_output_gain`` leave those out,
+    ``:length_exponent`` adds a per-head growth of each scale with the context), ``kind:...:transferred`` learns
+    query/key maps first (``attnswap.transfer``); ``saved:DIR`` loads a swap saved with ``attnswap.save_swap`` (or
+    ``attnswap calibrate --out DIR``)."""
     out = []
     for item in filter(None, (s.strip() for s in (spec or "").split(","))):
         name, _, rest = item.partition(":")
@@ -90,10 +91,15 @@ def parse_attn(spec: str, layers: list[int] | str | None = None) -> list[AttnSpe
             raise AttnSwapError(f"attention spec {item!r}: kind {name!r} has no feature map to transfer to")
         if calibrated and transferred:
             raise AttnSwapError(f"attention spec {item!r}: choose calibrated or transferred, not both")
-        for extra in sorted(flags & set(END_TO_END_EXTRAS)):
+        for extra in sorted(flags & set(END_TO_END_EXTRAS + OPT_OUTS)):
             if not end_to_end:
                 raise AttnSwapError(f"attention spec {item!r}: {extra} goes with end_to_end "
                                     f"(kind:...:calibrated:end_to_end:{extra})")
+        for gain in GAINS:
+            if {gain, f"no_{gain}"} <= flags:
+                raise AttnSwapError(f"attention spec {item!r}: {gain} and no_{gain} contradict each other")
+            if end_to_end and f"no_{gain}" not in flags:
+                flags.add(gain)
         if end_to_end and not calibrated:
             raise AttnSwapError(f"attention spec {item!r}: end_to_end goes with calibrated "
                                 "(kind:...:calibrated:end_to_end)")

@@ -58,11 +58,11 @@ def takes_output_attentions(cls) -> bool:
         return False
 
 
+ASKED = "_attnswap_output_attentions"  # what the module's last call was asked, where the backend cannot see it
+
+
 def _note_output_attentions(module, args, kwargs):
     module.__dict__[ASKED] = bool(kwargs.get("output_attentions"))
-
-
-ASKED = "_attnswap_output_attentions"  # what the module's last call was asked, where the backend cannot see it
 
 
 def watch_output_attentions(module):
